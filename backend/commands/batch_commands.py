@@ -1,0 +1,245 @@
+"""``preannotate`` (a whole project, here or on RQ workers) and ``worker`` subcommands.
+
+The logic lives in ``backend.jobs``; this module parses flags, draws the progress bar and
+prints the summary. Exit status: 0 when every task in scope holds a prediction of the current
+model_version, 1 when a task failed (listed; the next run retries it) or the run stopped on
+an error, 2 for a configuration error, 130 when stopped by Ctrl-C (run again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import httpx
+from label_studio_sdk.core.api_error import ApiError
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from backend import jobs
+from backend.config import Settings
+from backend.ls_client import LabelStudioClient
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Environment settings; ``--ls-url`` / ``--api-key`` override ``LABEL_STUDIO_URL`` /
+    ``LABEL_STUDIO_API_KEY`` (the models also fetch task images with them)."""
+    overrides = {"label_studio_url": args.ls_url, "label_studio_api_key": args.api_key}
+    settings = Settings.from_env(**{key: value for key, value in overrides.items() if value})
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    return settings
+
+
+def _print_plan(plan: jobs.Plan, out: TextIO) -> None:
+    print(
+        f"project {plan.project}, model_version {plan.model_version}: {plan.in_scope} tasks in scope, "
+        f"{plan.already_predicted} already predicted (skipped), {len(plan.todo)} to predict"
+        + (f", {plan.deferred} left for a later run (--limit)" if plan.deferred else ""),
+        file=out,
+    )
+    if plan.not_found:
+        print(f"not in project {plan.project}, ignored: task ids {plan.not_found}", file=out)
+
+
+def _print_summary(summary: jobs.RunSummary, out: TextIO) -> None:
+    print(f"done {summary.done}, skipped {summary.skipped}, failed {len(summary.failed)}", file=out)
+    if summary.failed:
+        print("failed tasks (tried again on the next run):", file=out)
+        for task_id in sorted(summary.failed):
+            print(f"  {summary.failed[task_id]}", file=out)
+    if summary.error:
+        print(f"stopped early: {summary.error}; run the same command again to resume", file=out)
+    if summary.interrupted:
+        print("interrupted: run the same command again to resume", file=out)
+
+
+def _progress(total: int, description: str) -> tqdm:
+    """Bar with rate and ETA on stderr; the failure count rides along as a postfix."""
+    return tqdm(total=total, unit="task", desc=description, dynamic_ncols=True, file=sys.stderr)
+
+
+def _on_result(bar: tqdm) -> Callable[[jobs.BatchResult], None]:
+    failed = 0
+
+    def update(result: jobs.BatchResult) -> None:
+        nonlocal failed
+        failed += len(result.failed)
+        bar.set_postfix(failed=failed, refresh=False)
+        bar.update(result.count)
+
+    return update
+
+
+def _notify_stop(what: str) -> Callable[[], None]:
+    def notify() -> None:
+        tqdm.write(f"Ctrl-C: {what}; press Ctrl-C again to abort at once", file=sys.stderr)
+
+    return notify
+
+
+def _preannotate(args: argparse.Namespace) -> int:
+    if args.wait and not args.queue:
+        raise ValueError("--wait follows queue jobs: it needs --queue")
+    settings = _settings(args)
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    plan = jobs.make_plan(
+        client,
+        args.project,
+        settings,
+        view=args.view,
+        task_ids=args.task_ids,
+        limit=args.limit,
+        overwrite=args.overwrite,
+    )
+    _print_plan(plan, sys.stdout)
+    if args.queue:
+        return _preannotate_on_queue(args, plan)
+    if args.dry_run:
+        print("dry run: no models loaded, nothing posted", file=sys.stdout)
+        return 0
+    predictor = jobs.build_predictor(settings)
+    with (
+        logging_redirect_tqdm(),
+        jobs.stop_on_sigint(_notify_stop("stopping after the current batch")) as stop,
+        _progress(len(plan.todo), "preannotate") as bar,
+    ):
+        summary = jobs.run_batches(
+            client,
+            predictor,
+            plan,
+            batch_size=args.batch_size,
+            stop=stop,
+            overwrite=args.overwrite,
+            on_batch=_on_result(bar),
+        )
+    _print_summary(summary, sys.stdout)
+    return summary.exit_code
+
+
+def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
+    queue = jobs.open_queue(args.queue)
+    if args.dry_run:
+        chunks = -(-len(plan.todo) // args.batch_size)
+        print(f"dry run: would enqueue {chunks} jobs of up to {args.batch_size} tasks on {queue.name}")
+        return 0
+    attached, new = jobs.enqueue_plan(
+        queue,
+        plan,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        job_timeout_s=args.job_timeout,
+    )
+    tasks_new = sum(len(jobs.job_task_ids(job)) for job in new)
+    print(f"enqueued {len(new)} jobs ({tasks_new} tasks) on {queue.name}", file=sys.stdout)
+    if attached:
+        print(f"following {len(attached)} jobs of an earlier call that are still queued or running")
+    if not args.wait:
+        print("start workers with: grounded-sam-backend worker --queue URL; follow with --wait")
+        return 0
+    followed = attached + new
+    with (
+        logging_redirect_tqdm(),
+        jobs.stop_on_sigint(_notify_stop("no longer waiting (the workers carry on)")) as stop,
+        _progress(sum(len(jobs.job_task_ids(job)) for job in followed), "preannotate (queue)") as bar,
+    ):
+        summary = jobs.follow(queue, followed, stop=stop, on_result=_on_result(bar))
+    summary.skipped += plan.already_predicted
+    _print_summary(summary, sys.stdout)
+    return summary.exit_code
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    jobs.run_worker(args.queue, settings, name=args.name, burst=args.burst, heartbeat_s=args.heartbeat_s)
+    return 0
+
+
+def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Expected failures (bad flags, Label Studio refusing or unreachable) as one line, exit 1."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except ValueError as exc:  # LabelConfigError and missing URL/key are ValueErrors
+            message = str(exc)
+        except (ApiError, httpx.HTTPError) as exc:
+            message = jobs.describe_error(exc)
+        print(f"grounded-sam-backend {name}: error: {message}", file=sys.stderr)
+        return 1
+
+    return wrapper
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_ls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ls-url", help="Label Studio URL (default: LABEL_STUDIO_URL)")
+    parser.add_argument("--api-key", help="API key or personal access token (default: LABEL_STUDIO_API_KEY)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``preannotate`` and ``worker`` to the CLI's subparsers."""
+    pre = subparsers.add_parser(
+        "preannotate",
+        help="pre-annotate a whole Label Studio project (resumable; --queue for RQ workers)",
+        description="Predict every task of a project that lacks a prediction of the current model_version "
+        "and post the predictions through the API. Running it again resumes; failed tasks are retried. "
+        "Ctrl-C stops after the current batch.",
+    )
+    _add_ls_args(pre)
+    pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    pre.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=16,
+        help="tasks per posting batch and per queue job (default: 16)",
+    )
+    pre.add_argument("--limit", type=_positive, help="predict at most this many tasks in this run")
+    scope = pre.add_mutually_exclusive_group()
+    scope.add_argument("--view", type=int, help="only the tasks of this Data Manager view (tab) id")
+    scope.add_argument("--task-ids", type=int, nargs="+", metavar="ID", help="only these task ids")
+    pre.add_argument("--dry-run", action="store_true", help="show what would be done; load no model, post nothing")
+    pre.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="also predict tasks that hold a prediction of the current model_version, replacing it",
+    )
+    pre.add_argument("--queue", metavar="REDIS_URL", help="enqueue RQ jobs (e.g. redis://host:6379/0) instead")
+    pre.add_argument("--wait", action="store_true", help="with --queue: show progress until the jobs are done")
+    pre.add_argument(
+        "--job-timeout",
+        type=_positive,
+        default=3600,
+        help="with --queue: seconds one job (one batch) may run (default: 3600)",
+    )
+    pre.set_defaults(func=_guarded("preannotate", _preannotate))
+
+    worker = subparsers.add_parser(
+        "worker",
+        help="run an RQ worker for `preannotate --queue` jobs (models loaded once per process)",
+        description="Load the models once, then run pre-annotation jobs from the queue until stopped "
+        "(SIGTERM/Ctrl-C: after the current job). Label Studio's URL and key come from this worker's "
+        "flags or environment, never from the job.",
+    )
+    _add_ls_args(worker)
+    worker.add_argument("--queue", metavar="REDIS_URL", required=True, help="redis://host:6379/0")
+    worker.add_argument("--name", help="worker name shown by `rq info` (default: RQ's)")
+    worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    worker.add_argument(
+        "--heartbeat-s",
+        type=_positive,
+        default=30,
+        help="job heartbeat period; a killed worker's job is re-run about 3 periods later (default: 30)",
+    )
+    worker.set_defaults(func=_guarded("worker", _worker))

@@ -1,0 +1,292 @@
+"""Assisted-manual stage: the annotator's clicks, box or phrase -> one mask, from the cached embedding.
+
+Rules (documented in the README):
+- Points: every keypoint of ``context.result`` is a point; it is negative when the item's
+  ``is_positive`` is false (Label Studio's UI, Alt-click), else when ``value.positive`` is false
+  (the newest official backends' shape); ``is_positive`` wins when both are present.
+- Box: the last rectangle of the context (axis-aligned bounds when rotated).
+- Label: the label of the last labelled context item; with no label, the config's only mask
+  label, else a clear error asking to pick one.
+- Output control: the first mask control (Brush, Bitmask, Polygon) offering the label, in
+  config order; a RectangleLabels control when no mask control offers it.
+- One positive point and nothing else: SAM's three candidates, the best predicted IoU wins.
+- Refinement memory: the previous answer's low-resolution logits for the same task, label and
+  image are fed back as the mask prompt when the new clicks extend the previous ones.
+- Refine what is there (``REFINE_EXISTING``): when the first positive click lands inside a region
+  of the task's draft, annotation or prediction with the same label, that region's mask (and its
+  bounding box, unless a box was drawn) seeds SAM, so one click fixes a pre-annotated mask.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from backend.embedding_cache import EmbeddingCache, cache_key
+from backend.labeling import MASK_TYPES, OutputControl, ProjectConfig, split_prompt
+from backend.models.base import Box, Detector, PromptSet, Segmenter
+from backend.pipelines.preannotate import PreannotateParams, preannotate
+from backend.regions import Instance, decode_region_mask
+
+
+class InteractiveError(ValueError):
+    """The context cannot be turned into a prompt; the message tells the annotator why."""
+
+
+@dataclass(frozen=True)
+class ClickRequest:
+    """Prompts of one interactive call, in image pixels."""
+
+    label: str
+    control: OutputControl
+    points: tuple[tuple[float, float], ...] = ()
+    point_labels: tuple[int, ...] = ()
+    box: Box | None = None
+    text: str | None = None
+
+
+def _is_positive(item: Mapping[str, Any]) -> bool:
+    if "is_positive" in item and item["is_positive"] is not None:
+        return bool(item["is_positive"])
+    value = item.get("value") or {}
+    if "positive" in value and value["positive"] is not None:
+        return bool(value["positive"])
+    return True
+
+
+def _item_label(item: Mapping[str, Any]) -> str | None:
+    value = item.get("value") or {}
+    for key in (item.get("type", ""), "keypointlabels", "rectanglelabels", "labels"):
+        labels = value.get(key) if key else None
+        if isinstance(labels, list) and labels and isinstance(labels[0], str):
+            return labels[0]
+    return None
+
+
+def _number(value: Mapping[str, Any], key: str) -> float:
+    raw = value.get(key)
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        raise InteractiveError(f"context value.{key} must be a number, got {raw!r}")
+    return float(raw)
+
+
+def _rectangle_box(value: Mapping[str, Any], width: int, height: int) -> Box:
+    """Percent box (rotated about its top-left corner, as Label Studio stores it) -> pixel
+    bounds clipped to the image."""
+    x = _number(value, "x") * width / 100
+    y = _number(value, "y") * height / 100
+    w = _number(value, "width") * width / 100
+    h = _number(value, "height") * height / 100
+    angle = math.radians(float(value.get("rotation") or 0.0))
+    cos, sin = math.cos(angle), math.sin(angle)
+    corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+    xs = [x + cx * cos - cy * sin for cx, cy in corners]
+    ys = [y + cx * sin + cy * cos for cx, cy in corners]
+    x0, x1 = max(min(xs), 0.0), min(max(xs), float(width))
+    y0, y1 = max(min(ys), 0.0), min(max(ys), float(height))
+    if x1 <= x0 or y1 <= y0:
+        raise InteractiveError("the drawn box lies outside the image or has no area")
+    return (x0, y0, x1, y1)
+
+
+def output_for_label(project: ProjectConfig, label: str) -> OutputControl:
+    """The control that receives the mask of ``label`` (rule in the module docstring)."""
+    masks = project.mask_outputs_for(label)
+    if masks:
+        return masks[0]
+    for control in project.outputs:
+        if label in control.label_values():
+            return control
+    raise InteractiveError(
+        f"label {label!r} is not offered by any Brush/Bitmask/Polygon/Rectangle labels control of this project"
+    )
+
+
+def _default_label(project: ProjectConfig) -> str:
+    mask_labels = {label for c in project.outputs if c.is_mask for label in c.label_values()}
+    if len(mask_labels) == 1:
+        return next(iter(mask_labels))
+    choices = ", ".join(sorted(mask_labels or set(project.label_values())))
+    raise InteractiveError(
+        f"the click carries no label and the project offers several ({choices}): select a label "
+        "on the smart tool before clicking"
+    )
+
+
+def parse_context(context: Mapping[str, Any], project: ProjectConfig, width: int, height: int) -> ClickRequest:
+    """Label Studio's ``params.context`` -> prompts in pixels, or ``InteractiveError``."""
+    items = context.get("result")
+    if not isinstance(items, list) or not items:
+        raise InteractiveError("the interactive context has no result items (no click, box or text)")
+    points: list[tuple[float, float]] = []
+    labels: list[int] = []
+    box: Box | None = None
+    text: str | None = None
+    label: str | None = None
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise InteractiveError("every context result item must be an object")
+        kind = str(item.get("type", "")).lower()
+        value = item.get("value")
+        if not isinstance(value, Mapping):
+            raise InteractiveError(f"context item of type {kind!r} has no value object")
+        if kind == "keypointlabels" or kind == "keypoint":
+            x, y = _number(value, "x"), _number(value, "y")
+            if not (0 <= x <= 100 and 0 <= y <= 100):
+                raise InteractiveError(f"the click at ({x:.1f}%, {y:.1f}%) lies outside the image")
+            points.append((min(x * width / 100, width - 0.5), min(y * height / 100, height - 0.5)))
+            labels.append(1 if _is_positive(item) else 0)
+        elif kind in ("rectanglelabels", "rectangle"):
+            box = _rectangle_box(value, width, height)
+        elif kind == "textarea":
+            texts = value.get("text")
+            joined = " . ".join(t for t in texts if isinstance(t, str)) if isinstance(texts, list) else ""
+            text = joined.strip() or None
+            continue
+        else:
+            continue
+        label = _item_label(item) or label
+    if points and box is None and 1 not in labels:
+        raise InteractiveError("only negative points were clicked: add a positive point or draw a box")
+    if not points and box is None and text is None:
+        raise InteractiveError("the context holds no keypoint, rectangle or text prompt")
+    label = label or _default_label(project)
+    return ClickRequest(label, output_for_label(project, label), tuple(points), tuple(labels), box, text)
+
+
+@dataclass
+class _Memory:
+    points: tuple[tuple[float, float], ...]
+    point_labels: tuple[int, ...]
+    box: Box | None
+    logits: np.ndarray
+
+
+class RefinementMemory:
+    """Last low-res logits per (task, label, image), bounded by entry count.
+
+    Reused only when the new prompts extend the remembered ones (same box, remembered points
+    as a prefix): a fresh click sequence, another annotator's clicks or another task never
+    picks up someone else's mask.
+    """
+
+    def __init__(self, max_entries: int = 512) -> None:
+        self._entries: OrderedDict[tuple[str, str, str], _Memory] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def recall(self, key: tuple[str, str, str], request: ClickRequest) -> np.ndarray | None:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or entry.box != request.box:
+            return None
+        n = len(entry.points)
+        if n == 0 or len(request.points) <= n:
+            return None
+        if request.points[:n] != entry.points or request.point_labels[:n] != entry.point_labels:
+            return None
+        return entry.logits
+
+    def remember(self, key: tuple[str, str, str], request: ClickRequest, logits: np.ndarray) -> None:
+        with self._lock:
+            self._entries[key] = _Memory(request.points, request.point_labels, request.box, logits)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _task_regions(task: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Regions of the task's drafts, then annotations, then predictions (newest work first)."""
+    for key in ("drafts", "annotations", "predictions"):
+        entries = task.get(key)
+        if not isinstance(entries, list):
+            continue
+        for entry in reversed(entries):
+            result = entry.get("result") if isinstance(entry, Mapping) else None
+            if isinstance(result, list):
+                yield from (r for r in result if isinstance(r, Mapping))
+
+
+def find_existing_mask(
+    task: Mapping[str, Any], label: str, point: tuple[float, float], width: int, height: int
+) -> np.ndarray | None:
+    """The mask of a same-label region of the task under ``point``, if any."""
+    x, y = int(point[0]), int(point[1])
+    for region in _task_regions(task):
+        kind = str(region.get("type", "")).lower()
+        if kind not in MASK_TYPES or label not in ((region.get("value") or {}).get(kind) or []):
+            continue
+        if (region.get("original_width"), region.get("original_height")) != (width, height):
+            continue
+        try:
+            mask = decode_region_mask(dict(region))
+        except ValueError:
+            continue
+        if mask.shape == (height, width) and mask[y, x]:
+            return mask
+    return None
+
+
+def _bbox(mask: np.ndarray) -> Box:
+    ys, xs = np.nonzero(mask)
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def run_clicks(
+    request: ClickRequest,
+    task: Mapping[str, Any],
+    image: Image.Image,
+    image_sha256: str,
+    segmenter: Segmenter,
+    cache: EmbeddingCache,
+    memory: RefinementMemory,
+    refine_existing: bool,
+) -> list[Instance]:
+    """Points and/or box -> one mask instance under the request's label."""
+    width, height = image.size
+    memory_key = (str(task.get("id")), request.label, image_sha256)
+    prompt = PromptSet(points=request.points, point_labels=request.point_labels, box=request.box)
+    prompt.mask_logits = memory.recall(memory_key, request)
+    if prompt.mask_logits is None and refine_existing and 1 in request.point_labels:
+        first_positive = request.points[request.point_labels.index(1)]
+        existing = find_existing_mask(task, request.label, first_positive, width, height)
+        if existing is not None:
+            prompt.prior_mask = existing
+            prompt.box = prompt.box or _bbox(existing)
+    single_click = (
+        len(request.points) == 1 and request.point_labels == (1,) and prompt.box is None
+        and prompt.mask_logits is None and prompt.prior_mask is None
+    )
+    embedding = cache.get_or_compute(cache_key(image_sha256, segmenter.model_id), lambda: segmenter.embed(image))
+    prediction = segmenter.segment(embedding, [prompt], multimask=single_click)[0]
+    if prediction.low_res_logits is not None:
+        memory.remember(memory_key, request, prediction.low_res_logits)
+    if not prediction.mask.any():
+        return []
+    score = float(min(max(prediction.score, 0.0), 1.0))
+    return [Instance(request.label, score, _bbox(prediction.mask), prediction.mask)]
+
+
+def run_text_prompt(
+    request: ClickRequest,
+    image: Image.Image,
+    image_sha256: str,
+    detector: Detector,
+    segmenter: Segmenter,
+    cache: EmbeddingCache,
+    params: PreannotateParams,
+) -> list[Instance]:
+    """A free-text phrase -> detector boxes -> masks, stored under the request's label."""
+    assert request.text is not None
+    phrases: Sequence[str] = split_prompt(request.text) or (request.text,)
+    return preannotate(image, image_sha256, {request.label: phrases}, detector, segmenter, cache, params)

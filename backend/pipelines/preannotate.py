@@ -1,0 +1,164 @@
+"""Semi-automatic stage: the project's label names -> boxes -> one mask per box.
+
+Order of work per image, chosen so each model runs once:
+1. all phrases of all labels go to the detector in one call (the adapter packs them into
+   as few captions as its text encoder allows);
+2. per-label box thresholds, class-aware NMS, then removal of near-identical boxes that
+   two labels both claimed (the higher score keeps it), then a cap on the count;
+3. the segmenter's image embedding comes from the shared cache (computed once per image
+   and model, reused by later clicks), and every box goes to the decoder in one batched call;
+4. optional island/hole cleanup and mask-IoU suppression across labels.
+
+Region score = detector score x the segmenter's predicted IoU (clipped to [0, 1]): a box
+the detector is sure of but whose mask SAM doubts ranks below one both agree on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import batched_nms, box_iou
+
+from backend.embedding_cache import EmbeddingCache, cache_key
+from backend.models.base import Detection, Detector, PromptSet, Segmenter
+from backend.regions import Instance, remove_small_regions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreannotateParams:
+    """Thresholds of one pre-annotation run (environment defaults, per-project overrides)."""
+
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    label_thresholds: Mapping[str, float] = field(default_factory=dict)
+    nms_iou: float = 0.5
+    cross_label_iou: float = 0.95
+    mask_nms_iou: float = 0.0
+    min_region_area: int = 0
+    max_detections: int = 100
+
+
+@dataclass(frozen=True)
+class PhraseTable:
+    """Detector phrases and the label each one stands for.
+
+    A phrase shared by two labels is sent once and stored under the first label in config
+    order (sending it twice would only produce duplicate boxes for NMS to fight over).
+    """
+
+    phrases: tuple[str, ...]
+    labels: tuple[str, ...]  # labels[i] is the label of phrases[i]
+
+    @classmethod
+    def from_labels(cls, prompts_by_label: Mapping[str, Sequence[str]]) -> PhraseTable:
+        phrases: list[str] = []
+        labels: list[str] = []
+        seen: set[str] = set()
+        for label, prompts in prompts_by_label.items():
+            for phrase in prompts:
+                key = phrase.strip().lower()
+                if key and key not in seen:
+                    seen.add(key)
+                    phrases.append(phrase.strip())
+                    labels.append(label)
+        return cls(tuple(phrases), tuple(labels))
+
+
+def _threshold_for(label: str, params: PreannotateParams) -> float:
+    return float(params.label_thresholds.get(label, params.box_threshold))
+
+
+def select_detections(
+    detections: Sequence[Detection], table: PhraseTable, params: PreannotateParams
+) -> list[tuple[Detection, str]]:
+    """Per-label thresholds, class-aware NMS, cross-label duplicate removal, count cap.
+
+    Returns (detection, label) pairs sorted by score, best first.
+    """
+    kept = [
+        (det, table.labels[det.prompt_index])
+        for det in detections
+        if 0 <= det.prompt_index < len(table.labels)
+        and det.score >= _threshold_for(table.labels[det.prompt_index], params)
+    ]
+    if not kept:
+        return []
+    boxes = torch.tensor([det.box for det, _ in kept], dtype=torch.float32)
+    scores = torch.tensor([det.score for det, _ in kept], dtype=torch.float32)
+    label_ids = {label: i for i, label in enumerate(dict.fromkeys(label for _, label in kept))}
+    groups = torch.tensor([label_ids[label] for _, label in kept])
+    order = batched_nms(boxes, scores, groups, params.nms_iou).tolist()  # sorted by score
+
+    ious = box_iou(boxes[order], boxes[order])
+    kept_ranks: list[int] = []
+    for rank in range(len(order)):
+        if kept_ranks and bool((ious[rank, kept_ranks] > params.cross_label_iou).any()):
+            continue
+        kept_ranks.append(rank)
+    return [kept[order[rank]] for rank in kept_ranks[: params.max_detections]]
+
+
+def suppress_overlapping_masks(instances: list[Instance], iou_threshold: float) -> list[Instance]:
+    """Greedy mask-IoU suppression across labels, best score first (0 disables)."""
+    if iou_threshold <= 0 or len(instances) < 2:
+        return instances
+    ordered = sorted(instances, key=lambda inst: inst.score, reverse=True)
+    kept: list[Instance] = []
+    kept_masks: list[np.ndarray] = []
+    for inst in ordered:
+        if inst.mask is None:
+            kept.append(inst)
+            continue
+        area = int(inst.mask.sum())
+        duplicate = False
+        for other in kept_masks:
+            inter = int(np.logical_and(inst.mask, other).sum())
+            union = area + int(other.sum()) - inter
+            if union and inter / union > iou_threshold:
+                duplicate = True
+                break
+        if not duplicate:
+            kept.append(inst)
+            kept_masks.append(inst.mask)
+    return kept
+
+
+def preannotate(
+    image: Image.Image,
+    image_sha256: str,
+    prompts_by_label: Mapping[str, Sequence[str]],
+    detector: Detector,
+    segmenter: Segmenter,
+    cache: EmbeddingCache,
+    params: PreannotateParams,
+) -> list[Instance]:
+    """Find every label's instances in ``image`` and segment them."""
+    table = PhraseTable.from_labels(prompts_by_label)
+    if not table.phrases:
+        return []
+    lowest = min([params.box_threshold, *params.label_thresholds.values()])
+    detections = detector.detect(image, table.phrases, lowest, params.text_threshold)
+    selected = select_detections(detections, table, params)
+    if not selected:
+        return []
+    embedding = cache.get_or_compute(
+        cache_key(image_sha256, segmenter.model_id), lambda: segmenter.embed(image)
+    )
+    predictions = segmenter.segment(embedding, [PromptSet(box=det.box) for det, _ in selected])
+    instances: list[Instance] = []
+    for (det, label), pred in zip(selected, predictions, strict=True):
+        mask = pred.mask
+        if params.min_region_area > 0:
+            mask = remove_small_regions(mask, params.min_region_area)
+        if not mask.any():
+            continue
+        quality = float(min(max(pred.score, 0.0), 1.0))
+        instances.append(Instance(label=label, score=det.score * quality, box=det.box, mask=mask))
+    return suppress_overlapping_masks(instances, params.mask_nms_iou)

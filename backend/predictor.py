@@ -1,0 +1,229 @@
+"""Tasks in, Label Studio prediction items out: the one code path behind ``/predict``, the batch
+CLI and the RQ workers, so all three produce the same regions and the same ``model_version``.
+
+Nothing here knows HTTP. A task that fails becomes an item with ``error`` and no ``result``:
+Label Studio skips that item and stores the others (ls-protocol.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backend.config import Settings
+from backend.embedding_cache import EmbeddingCache
+from backend.images import ImageLoader, ImageLoadError
+from backend.labeling import LabelConfigError, OutputControl, ProjectConfig, parse_label_config
+from backend.metrics import Metrics
+from backend.models.base import Detector, Segmenter
+from backend.pipelines.everything import (
+    AutoModels,
+    AutoParams,
+    check_mode,
+    load_auto_models,
+    predict_instances,
+)
+from backend.pipelines.interactive import (
+    InteractiveError,
+    RefinementMemory,
+    parse_context,
+    run_clicks,
+    run_text_prompt,
+)
+from backend.pipelines.preannotate import PreannotateParams
+from backend.regions import Instance, encode_instance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Credentials:
+    """Where task images of a project live: Label Studio's URL and token from ``/setup``."""
+
+    hostname: str | None = None
+    access_token: str | None = None
+
+
+def model_version_for(settings: Settings, project: ProjectConfig | None, mode: str | None = None) -> str:
+    """The version ``/setup`` reports and every item carries: settings plus the project's
+    own thresholds, so tuning a project's ``<Number>`` tags re-triggers its predictions; a
+    project's own prediction ``mode`` (``/setup`` extra params) replaces PREDICTION_MODE."""
+    if mode is not None:
+        settings = settings.with_overrides(prediction_mode=check_mode(mode))
+    extra = dict(project.thresholds) if project and project.thresholds else None
+    return settings.model_version(extra)
+
+
+class Predictor:
+    """Holds the loaded models and the caches; stateless per request otherwise."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        detector: Detector,
+        segmenter: Segmenter,
+        cache: EmbeddingCache,
+        images: ImageLoader,
+        metrics: Metrics | None = None,
+        auto_models: AutoModels | None = None,
+    ) -> None:
+        check_mode(settings.prediction_mode)
+        self.settings = settings
+        self.auto_params = AutoParams.from_settings(settings)
+        # CLIP / CLIPSeg load here, with the other models, when their settings name them
+        self.auto_models = auto_models if auto_models is not None else load_auto_models(settings)
+        self.detector = detector
+        self.segmenter = segmenter
+        self.cache = cache
+        self.images = images
+        self.metrics = metrics or Metrics()
+        self._parse = functools.lru_cache(maxsize=64)(self._parse_uncached)
+        self.memory = RefinementMemory()
+
+    def _parse_uncached(self, label_config: str) -> ProjectConfig:
+        return parse_label_config(label_config, self.settings.label_prompts, self.settings.label_modes)
+
+    def project(self, label_config: str) -> ProjectConfig:
+        """Parsed config, cached by its text (Label Studio sends it with every request)."""
+        return self._parse(label_config)
+
+    def params(self, project: ProjectConfig) -> PreannotateParams:
+        """Environment thresholds, overridden by the project's ``<Number>`` tags."""
+        s = self.settings
+        return PreannotateParams(
+            box_threshold=project.thresholds.get("box_threshold", s.box_threshold),
+            text_threshold=project.thresholds.get("text_threshold", s.text_threshold),
+            label_thresholds=s.label_thresholds,
+            nms_iou=s.nms_iou,
+            cross_label_iou=s.cross_label_iou,
+            mask_nms_iou=s.mask_nms_iou,
+            min_region_area=s.min_region_area,
+            max_detections=s.max_detections,
+        )
+
+    def model_version(self, project: ProjectConfig | None = None, mode: str | None = None) -> str:
+        return model_version_for(self.settings, project, mode)
+
+    def encode(
+        self,
+        project: ProjectConfig,
+        instances: Iterable[Instance],
+        width: int,
+        height: int,
+        controls: Sequence[OutputControl] | None = None,
+    ) -> list[dict]:
+        """Regions for every output control (default: all of the project's) offering each
+        instance's label."""
+        regions: list[dict] = []
+        instances = list(instances)
+        for control in project.outputs if controls is None else controls:
+            offered = set(control.label_values())
+            for instance in instances:
+                if instance.label not in offered:
+                    continue
+                if control.score_threshold is not None and instance.score < control.score_threshold:
+                    continue
+                if control.is_mask and instance.mask is None:
+                    continue
+                encoded = encode_instance(
+                    instance,
+                    control,
+                    width,
+                    height,
+                    polygon_tolerance=self.settings.polygon_tolerance,
+                    min_area=self.settings.min_region_area,
+                )
+                regions.extend(encoded)
+                for region in encoded:
+                    self.metrics.regions.labels(type=region["type"]).inc()
+        return regions
+
+    def predict_task(
+        self, task: dict[str, Any], project: ProjectConfig, creds: Credentials, mode: str | None = None
+    ) -> dict[str, Any]:
+        """One prediction item: regions + task score, or an ``error`` item naming the cause.
+        ``mode`` (a project's own, from ``/setup``) overrides PREDICTION_MODE."""
+        version = self.model_version(project, mode)
+        task_id = task.get("id")
+        try:
+            loaded = self.images.load(task, project.image_value_key, creds.hostname, creds.access_token)
+            instances = predict_instances(
+                mode or self.settings.prediction_mode,
+                loaded.image,
+                loaded.sha256,
+                task,
+                project,
+                self.detector,
+                self.segmenter,
+                self.cache,
+                self.auto_models,
+                self.params(project),
+                self.auto_params,
+                version,
+            )
+            regions = self.encode(project, instances, loaded.width, loaded.height)
+        except ImageLoadError as exc:
+            self.metrics.errors.labels(kind="image").inc()
+            self.metrics.tasks.labels(outcome="error").inc()
+            log.warning("task %s: %s", task_id, exc)
+            return {"error": f"task {task_id}: {exc}", "model_version": version}
+        except Exception as exc:  # one bad task must never lose the other tasks' results
+            self.metrics.errors.labels(kind="internal").inc()
+            self.metrics.tasks.labels(outcome="error").inc()
+            log.exception("task %s failed", task_id)
+            return {"error": f"task {task_id}: {type(exc).__name__}: {exc}", "model_version": version}
+        self.metrics.tasks.labels(outcome="ok").inc()
+        return self._item(regions, version)
+
+    def _item(self, regions: list[dict], version: str) -> dict[str, Any]:
+        scores = [r["score"] for r in regions if "score" in r]
+        return {
+            "result": regions,
+            "score": round(statistics.fmean(scores), 4) if scores else 0.0,
+            "model_version": version,
+        }
+
+    def predict_interactive(
+        self, task: dict[str, Any], context: dict[str, Any], label_config: str, creds: Credentials
+    ) -> dict[str, Any]:
+        """One region set for the annotator's clicks/box/phrase on one task.
+
+        Raises ``InteractiveError`` (the caller answers 4xx with its sentence) for a context
+        that cannot be turned into a prompt; an unreachable image is an ``error`` item as in
+        batch mode.
+        """
+        project = self.project(label_config)
+        version = self.model_version(project)
+        try:
+            loaded = self.images.load(task, project.image_value_key, creds.hostname, creds.access_token)
+        except ImageLoadError as exc:
+            self.metrics.errors.labels(kind="image").inc()
+            return {"error": f"task {task.get('id')}: {exc}", "model_version": version}
+        request = parse_context(context, project, loaded.width, loaded.height)
+        if request.text is not None:
+            instances = run_text_prompt(
+                request, loaded.image, loaded.sha256, self.detector, self.segmenter, self.cache,
+                self.params(project),
+            )
+        else:
+            instances = run_clicks(
+                request, task, loaded.image, loaded.sha256, self.segmenter, self.cache, self.memory,
+                self.settings.refine_existing,
+            )
+        regions = self.encode(project, instances, loaded.width, loaded.height, [request.control])
+        return self._item(regions, version)
+
+    def predict_tasks(
+        self, tasks: Sequence[dict[str, Any]], label_config: str, creds: Credentials, mode: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Items in task order; raises ``LabelConfigError`` for a config it cannot serve and
+        ``ConfigError`` for an unknown ``mode``."""
+        project = self.project(label_config)
+        return [self.predict_task(task, project, creds, mode) for task in tasks]
+
+
+__all__ = ["Credentials", "InteractiveError", "LabelConfigError", "Predictor", "model_version_for"]

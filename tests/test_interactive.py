@@ -1,0 +1,231 @@
+"""Interactive calls exactly as Label Studio sends them (ls-protocol.md), on the fake models."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.config import Settings
+from backend.labeling import parse_label_config
+from backend.regions import Instance, decode_region_mask, encode_instance
+from tests.conftest import data_uri
+from tests.fakes import BoxDetector, BoxFillSegmenter
+
+CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    <Label value="cat" smart="true"/><Label value="dog" smart="true"/>
+  </KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="cat"/></RectangleLabels>
+  <TextArea name="prompt" toName="image" editable="true" smart="true"/>
+</View>
+"""
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 80, 120)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def keypoint(x: float, y: float, label: str | None = "cat", positive: bool | None = True, w=640, h=480) -> dict:
+    value: dict = {"x": x, "y": y, "width": 0.3}
+    if label:
+        value["keypointlabels"] = [label]
+    item = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+            "original_height": h, "image_rotation": 0, "value": value}
+    if positive is not None:
+        item["is_positive"] = positive
+    return item
+
+
+def rectangle(x: float, y: float, width: float, height: float, label: str = "cat", rotation: float = 0) -> dict:
+    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": 640,
+            "original_height": 480, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": width, "height": height, "rotation": rotation,
+                      "rectanglelabels": [label]}}
+
+
+class Harness:
+    def __init__(self, make_client, width: int = 640, height: int = 480, settings: Settings | None = None):
+        self.segmenter = BoxFillSegmenter()
+        self.detector = BoxDetector({"dog on the left": [((0.0, 0.0, 100.0, 100.0), 0.9)]})
+        self.client, self.app = make_client(settings or Settings(), self.detector, self.segmenter)
+        self.image = data_uri(_png(width, height))
+        self.width, self.height = width, height
+        deadline = time.time() + 10
+        while self.client.get("/health").json["model_state"] == "loading" and time.time() < deadline:
+            time.sleep(0.01)
+
+    def click(self, items: list[dict], task_id: int = 1, extra_task: dict | None = None):
+        task = {"id": task_id, "data": {"image": self.image}, "annotations": [], "drafts": [], "predictions": []}
+        task.update(extra_task or {})
+        body = {"tasks": [task], "project": "1.1", "label_config": CONFIG,
+                "params": {"login": None, "password": None, "context": {"result": items}}}
+        return self.client.post("/predict", json=body)
+
+    def only_mask(self, response) -> np.ndarray:
+        assert response.status_code == 200, response.json
+        regions = response.json["results"][0]["result"]
+        assert len(regions) == 1 and regions[0]["from_name"] == "tag"
+        return decode_region_mask(regions[0])
+
+
+def test_one_positive_point_uses_multimask_and_lands_where_clicked(make_client) -> None:
+    h = Harness(make_client)
+    response = h.click([keypoint(50.0, 25.0)])
+    mask = h.only_mask(response)
+    region = response.json["results"][0]["result"][0]
+    assert region["value"]["brushlabels"] == ["cat"] and 0 < region["score"] <= 1
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (315, 325, 115, 125)
+    assert h.segmenter.segment_calls[-1][0].points == ((320.0, 120.0),)
+
+
+def test_multimask_only_for_a_single_ambiguous_point(make_client) -> None:
+    h = Harness(make_client)
+    calls: list[bool] = []
+    original = h.segmenter.segment
+
+    def spy(embedding, prompts, multimask=False):
+        calls.append(multimask)
+        return original(embedding, prompts, multimask)
+
+    h.segmenter.segment = spy
+    h.click([keypoint(50.0, 25.0)])
+    h.click([keypoint(10.0, 10.0), keypoint(50.0, 25.0, positive=False)], task_id=2)
+    h.click([rectangle(10, 10, 20, 20)], task_id=3)
+    assert calls == [True, False, False]
+
+
+def test_negative_point_by_either_flag_with_documented_precedence(make_client) -> None:
+    h = Harness(make_client)
+    legacy = keypoint(52.0, 25.0, positive=False)
+    newest = keypoint(52.0, 25.0, positive=None)
+    newest["value"]["positive"] = False
+    both = keypoint(52.0, 25.0, positive=True)
+    both["value"]["positive"] = False  # is_positive wins
+    for task_id, second in enumerate((legacy, newest, both), start=1):
+        h.click([keypoint(50.0, 25.0), second], task_id=task_id)
+    labels = [calls[0].point_labels for calls in h.segmenter.segment_calls]
+    assert labels == [(1, 0), (1, 0), (1, 1)]
+
+
+def test_box_and_box_plus_points(make_client) -> None:
+    h = Harness(make_client)
+    mask = h.only_mask(h.click([rectangle(10, 20, 25, 50)]))
+    expected = np.zeros((480, 640), bool)
+    expected[96:336, 64:224] = True
+    assert np.array_equal(mask, expected)
+    combined = h.only_mask(h.click([rectangle(10, 20, 25, 50), keypoint(50.0, 50.0)], task_id=2))
+    assert combined[96:336, 64:224].all() and combined[240, 320]
+
+
+def test_rotated_box_uses_its_axis_aligned_bounds(make_client) -> None:
+    h = Harness(make_client, width=400, height=400)
+    h.click([rectangle(50, 10, 10, 20, rotation=90)])
+    x0, y0, x1, y1 = h.segmenter.segment_calls[-1][0].box
+    assert (x0, y0, x1, y1) == pytest.approx((120.0, 40.0, 200.0, 80.0))
+
+
+def test_non_square_portrait_image_coordinates(make_client) -> None:
+    h = Harness(make_client, width=480, height=640)
+    response = h.click([keypoint(25.0, 75.0, w=480, h=640)])
+    region = response.json["results"][0]["result"][0]
+    assert (region["original_width"], region["original_height"]) == (480, 640)
+    assert h.segmenter.segment_calls[-1][0].points == ((120.0, 480.0),)
+
+
+@pytest.mark.parametrize(
+    ("items", "phrase"),
+    [
+        ([keypoint(50, 50, positive=False)], "only negative points"),
+        ([keypoint(150, 50)], "outside the image"),
+        ([keypoint(50, 50, label="horse")], "'horse' is not offered"),
+        ([keypoint(50, 50, label=None)], "select a label"),
+        ([{"type": "keypointlabels", "value": {"x": "a", "y": 1}}], "must be a number"),
+        ([{"type": "choices", "value": {"choices": ["x"]}}], "no keypoint, rectangle or text"),
+        (["junk"], "must be an object"),
+    ],
+)
+def test_bad_contexts_get_a_clear_4xx(make_client, items: list, phrase: str) -> None:
+    h = Harness(make_client)
+    response = h.click(items)
+    assert response.status_code == 400
+    assert phrase in response.json["detail"]
+
+
+def test_refinement_memory_feeds_previous_logits_only_when_extending(make_client) -> None:
+    h = Harness(make_client)
+    first = [keypoint(50.0, 25.0)]
+    h.click(first)
+    assert h.segmenter.segment_calls[-1][0].mask_logits is None
+    h.click([*first, keypoint(60.0, 25.0, positive=False)])
+    assert h.segmenter.segment_calls[-1][0].mask_logits is not None
+    h.click([*first, keypoint(60.0, 25.0, positive=False)], task_id=2)  # another task: never mixed
+    assert h.segmenter.segment_calls[-1][0].mask_logits is None
+    h.click([keypoint(10.0, 10.0), keypoint(12.0, 12.0)])  # a new click sequence on task 1
+    assert h.segmenter.segment_calls[-1][0].mask_logits is None
+
+
+def test_click_inside_a_predicted_region_refines_it(make_client) -> None:
+    h = Harness(make_client)
+    control = parse_label_config(CONFIG).outputs[0]
+    region_mask = np.zeros((480, 640), bool)
+    region_mask[100:200, 300:400] = True
+    stored = encode_instance(Instance("cat", 0.9, (300, 100, 400, 200), region_mask), control, 640, 480)
+    task_extra = {"predictions": [{"result": stored, "model_version": "x"}]}
+    h.click([keypoint(55.0, 30.0)], extra_task=task_extra)  # (352, 144): inside
+    prompt = h.segmenter.segment_calls[-1][0]
+    assert prompt.prior_mask is not None and np.array_equal(prompt.prior_mask, region_mask)
+    assert prompt.box == (300.0, 100.0, 400.0, 200.0)
+    h.click([keypoint(5.0, 5.0)], task_id=2, extra_task=task_extra)  # outside: starts over
+    assert h.segmenter.segment_calls[-1][0].prior_mask is None
+    off, _ = make_client(Settings(refine_existing=False), h.detector, h.segmenter)
+    h.client = off
+    h.click([keypoint(55.0, 30.0)], task_id=3, extra_task=task_extra)
+    assert h.segmenter.segment_calls[-1][0].prior_mask is None
+
+
+def test_text_prompt_runs_the_detector_on_the_phrase(make_client) -> None:
+    h = Harness(make_client)
+    text = {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["dog on the left"]}}
+    response = h.click([text, keypoint(1, 1, label="dog")])
+    assert h.detector.calls[-1] == ("dog on the left",)
+    regions = response.json["results"][0]["result"]
+    assert [r["value"]["brushlabels"] for r in regions] == [["dog"]]
+
+
+def test_large_body_with_megabytes_of_annotations_is_accepted(make_client) -> None:
+    h = Harness(make_client)
+    junk_rle = list(range(1_000_000))  # ~5 MB of JSON numbers, like a long-edited brush task
+    extra = {"annotations": [{"result": [{"type": "brushlabels", "value": {"rle": junk_rle, "brushlabels": ["dog"]},
+                                          "original_width": 640, "original_height": 480}]}]}
+    started = time.perf_counter()
+    response = h.click([keypoint(50.0, 25.0)], extra_task=extra)
+    assert response.status_code == 200 and response.json["results"][0]["result"]
+    assert time.perf_counter() - started < 30
+
+
+def test_concurrent_clicks_on_one_image_compute_the_embedding_once(make_client) -> None:
+    h = Harness(make_client)
+    h.segmenter.embed_delay_s = 0.3
+    statuses: list[int] = []
+
+    def one(i: int) -> None:
+        statuses.append(h.click([keypoint(10.0 + i, 20.0)], task_id=i).status_code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 8
+    assert h.segmenter.embed_calls == 1
