@@ -187,7 +187,8 @@ def _image_reference(task: Task, tid: int, config: ProjectConfig | None) -> str:
         key = next(iter(data))
     value = data.get(key)
     if not isinstance(value, str) or not value:
-        raise CocoError(f"task {tid} has no image reference in data[{key!r}]")
+        hint = "" if config is not None else " (pass the label config so its <Image value> names the key)"
+        raise CocoError(f"task {tid} has no image reference in data[{key!r}]{hint}")
     return value
 
 
@@ -225,9 +226,7 @@ def _region_labels(result: Mapping[str, Any]) -> list[str]:
     return [str(label) for label in labels] if isinstance(labels, list) else []
 
 
-def _output_regions(
-    results: Iterable[Any], tid: int, config: ProjectConfig | None
-) -> list[Mapping[str, Any]]:
+def _output_regions(results: Iterable[Any], tid: int, config: ProjectConfig | None) -> list[Mapping[str, Any]]:
     """Regions this converter handles: brush, bitmask, polygon and rectangle labels on the
     config's image; other results (choices, text, keypoints, relations) are not objects."""
     regions = []
@@ -247,8 +246,7 @@ def _sizes(results: Iterable[Any]) -> set[tuple[Any, Any]]:
     return {
         (r.get("original_width"), r.get("original_height"))
         for r in results
-        if isinstance(r, Mapping)
-        and (r.get("original_width") is not None or r.get("original_height") is not None)
+        if isinstance(r, Mapping) and (r.get("original_width") is not None or r.get("original_height") is not None)
     }
 
 
@@ -380,9 +378,7 @@ def _category_ids(cats: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 def _category_of(label: str, ids: Mapping[str, int], where: str) -> int:
     if label not in ids:
-        raise CocoError(
-            f"{where}: label {label!r} is not in the label config ({', '.join(ids) or 'no labels'})"
-        )
+        raise CocoError(f"{where}: label {label!r} is not in the label config ({', '.join(ids) or 'no labels'})")
     return ids[label]
 
 
@@ -482,17 +478,10 @@ def ls_to_coco_results(
     if not tasks:
         raise CocoError("the input holds no tasks: the project is empty")
     versions = sorted(
-        {
-            str(p.get("model_version"))
-            for t in tasks
-            for p in t.get("predictions") or []
-            if isinstance(p, Mapping)
-        }
+        {str(p.get("model_version")) for t in tasks for p in t.get("predictions") or [] if isinstance(p, Mapping)}
     )
     if model_version is None and len(versions) > 1:
-        raise CocoError(
-            f"the predictions come from several model versions {versions}; choose one with --model-version"
-        )
+        raise CocoError(f"the predictions come from several model versions {versions}; choose one with --model-version")
     cat_ids = _category_ids(categories(tasks, config))
     results: list[dict[str, Any]] = []
     found = False
@@ -534,15 +523,11 @@ def segmentation_to_mask(segmentation: Any, width: int, height: int, where: str)
     if isinstance(segmentation, dict):
         size = segmentation.get("size")
         if list(size or []) != [height, width]:
-            raise CocoError(
-                f"{where}: RLE size {size} does not match the image's [height, width] = {[height, width]}"
-            )
+            raise CocoError(f"{where}: RLE size {size} does not match the image's [height, width] = {[height, width]}")
         rle = segmentation
         if isinstance(segmentation.get("counts"), list):
             if sum(segmentation["counts"]) != width * height:
-                raise CocoError(
-                    f"{where}: RLE counts cover {sum(segmentation['counts'])} pixels, not {width * height}"
-                )
+                raise CocoError(f"{where}: RLE counts cover {sum(segmentation['counts'])} pixels, not {width * height}")
             rle = coco_mask.frPyObjects(segmentation, height, width)
         try:
             return coco_mask.decode(rle).astype(bool)
@@ -696,9 +681,7 @@ def coco_to_ls(
         grouped["results"] = defaultdict(list)
         for number, res in enumerate(results, start=1):
             if res.get("image_id") not in image_ids:
-                raise CocoError(
-                    f"result #{number}: image_id {res.get('image_id')!r} is not an image of the dataset"
-                )
+                raise CocoError(f"result #{number}: image_id {res.get('image_id')!r} is not an image of the dataset")
             grouped["results"][res["image_id"]].append(res)
     tasks: list[dict[str, Any]] = []
     for image in images:
@@ -719,9 +702,7 @@ def coco_to_ls(
                 where = f"image {iid} ({image['file_name']}), {source[:-1]} {obj.get('id', number)!r}"
                 label = names.get(obj.get("category_id"))
                 if label is None:
-                    raise CocoError(
-                        f"{where}: category_id {obj.get('category_id')!r} is not in the categories"
-                    )
+                    raise CocoError(f"{where}: category_id {obj.get('category_id')!r} is not in the categories")
                 new = _coco_object_regions(obj, label, config, width, height, polygon_tolerance, where)
                 if "score" in obj and obj["score"] is not None:
                     scores.append(float(obj["score"]))
@@ -791,11 +772,13 @@ def evaluate(
     image_ids = {img["id"] for img in images}
     cat_ids = {c["id"] for c in gt.get("categories") or []}
     kept = [
-        copy.deepcopy(dict(r))
-        for r in results
-        if r.get("image_id") in image_ids and r.get("category_id") in cat_ids
+        copy.deepcopy(dict(r)) for r in results if r.get("image_id") in image_ids and r.get("category_id") in cat_ids
     ]
     gt_coco = _coco_from_dict(gt)
+    for ann in gt_coco.dataset.get("annotations") or []:  # COCOeval reads both; other tools omit them
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = float(coco_mask.area(gt_coco.annToRLE(ann)))
     if kept:
         dt_coco = _quiet(gt_coco.loadRes, kept)
     else:
@@ -890,9 +873,7 @@ def format_evaluation(report: Mapping[str, Any]) -> str:
     for iou_type in ("segm", "bbox"):
         stats = report[iou_type]
         lines.append(f"{iou_type:6}" + "".join(f"{_cell(stats[k]):>8}" for k in ("AP", "AP50", "AP75")))
-    lines.append(
-        f"mean mask IoU of matched pairs (IoU >= {report['iou_threshold']:.2f}): {_cell(report['mean_iou'])}"
-    )
+    lines.append(f"mean mask IoU of matched pairs (IoU >= {report['iou_threshold']:.2f}): {_cell(report['mean_iou'])}")
     lines.append("")
     columns = ("AP_segm", "AP_bbox", "gt", "predicted", "matched", "missed", "extra", "mean_iou")
     width = max([5, *(len(name) for name in report["per_category"])]) + 2

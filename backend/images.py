@@ -27,10 +27,16 @@ it expires or Label Studio answers 401.
 SSRF guard: every hop's host is resolved and refused when any address is loopback, private,
 link-local, multicast, reserved, unspecified or otherwise not global (IPv4-mapped, 6to4,
 Teredo and NAT64 IPv6 forms are unwrapped), unless the host is the Label Studio host or listed
-in ``ALLOWED_IMAGE_HOSTS`` (host names, IPs or networks such as ``10.0.0.0/8``). Cloud metadata
-addresses are refused even then. The connection goes to the address that was checked (TLS still
-verifies the host name), so a name cannot resolve differently between check and connect (DNS
-rebinding). Consequently downloads do not go through ``HTTP(S)_PROXY``.
+in ``ALLOWED_IMAGE_HOSTS`` (host names, matching any port; IPs or networks such as
+``10.0.0.0/8``, matching the resolved addresses). Cloud metadata addresses are refused even
+then. The connection goes to the address that was checked (TLS still verifies the host name),
+so a name cannot resolve differently between check and connect (DNS rebinding). Consequently
+downloads do not go through ``HTTP(S)_PROXY``.
+
+Downloads are cached by URL (Label Studio paths by Label Studio URL + path, cloud URIs by the
+URI, not the presigned URL): in memory in an LRU bounded by bytes, and with ``IMAGE_CACHE_DIR``
+on disk, written atomically and never evicted (prune it with ``find -mtime``). Cached images are
+assumed immutable, as Label Studio's uploads are (their names carry a random prefix).
 
 ``LoadedImage.sha256`` hashes the decoded RGB pixels and the size, not the file bytes: the
 embedding cache (whose disk tier outlives the process) must miss when the same bytes would
@@ -131,11 +137,8 @@ class _LabelStudio:
 def _display_url(url: str) -> str:
     """A URL for messages: no user info, no query (presigned URLs carry signatures)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}" + ("?..." if parts.query else "")
+    host_and_port = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host_and_port}{parts.path}" + ("?..." if parts.query else "")
 
 
 def _shorten(value: str, limit: int = 120) -> str:
@@ -146,7 +149,7 @@ def _port(parts: SplitResult) -> int:
     try:
         return parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
     except ValueError as exc:  # urllib raises on a non-numeric or out-of-range port
-        raise _FetchError(f"{_shorten(parts.geturl())}: invalid port") from exc
+        raise _FetchError(f"{_display_url(parts.geturl())}: invalid port") from exc
 
 
 def _origin(parts: SplitResult) -> tuple[str, str, int]:
@@ -276,6 +279,8 @@ class ImageLoader:
             image = self._decode(raw)
         except ImageLoadError as exc:
             raise ImageLoadError(f"{where} = {_shorten(value)!r}: {exc}") from exc
+        except ValueError as exc:  # urllib.parse on malformed URLs ("http://[x", bad ports)
+            raise ImageLoadError(f"{where} = {_shorten(value)!r}: malformed reference: {exc}") from exc
         digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
         digest.update(image.tobytes())
         return LoadedImage(image, image.width, image.height, digest.hexdigest(), source)
@@ -294,9 +299,7 @@ class ImageLoader:
             raise ImageLoadError(f"the Label Studio URL {base!r} must be an absolute http:// or https:// URL")
         return _LabelStudio(base.strip().rstrip("/"), _origin(parts), token or "")
 
-    def _read(
-        self, value: str, task_id: Any, hostname: str | None, access_token: str | None
-    ) -> tuple[bytes, str]:
+    def _read(self, value: str, task_id: Any, hostname: str | None, access_token: str | None) -> tuple[bytes, str]:
         """The raw bytes behind ``value`` and a description of where they came from."""
         lowered = value.lower()
         if lowered.startswith("data:"):
@@ -317,9 +320,7 @@ class ImageLoader:
             return self._read_label_studio_path(value, hostname, access_token)
         return self._read_local(value)
 
-    def _require_label_studio(
-        self, hostname: str | None, access_token: str | None, what: str
-    ) -> _LabelStudio:
+    def _require_label_studio(self, hostname: str | None, access_token: str | None, what: str) -> _LabelStudio:
         ls = self._label_studio(hostname, access_token)
         if ls is None:
             raise ImageLoadError(
@@ -333,9 +334,7 @@ class ImageLoader:
             )
         return ls
 
-    def _read_label_studio_path(
-        self, path: str, hostname: str | None, access_token: str | None
-    ) -> tuple[bytes, str]:
+    def _read_label_studio_path(self, path: str, hostname: str | None, access_token: str | None) -> tuple[bytes, str]:
         if path.startswith("/data/local-files") and self.settings.allow_local_files:
             relative = (parse_qs(urlsplit(path).query).get("d") or [""])[-1]
             if not relative:
@@ -503,12 +502,7 @@ class ImageLoader:
                 headers["Authorization"] = self._authorization(token_to)
             with self._request("GET", url, headers, ls) as response:
                 status = response.status
-                if (
-                    status == 401
-                    and token_to is not None
-                    and not refreshed
-                    and _is_refresh_token(token_to.token)
-                ):
+                if status == 401 and token_to is not None and not refreshed and _is_refresh_token(token_to.token):
                     refreshed = True
                     self._authorization(token_to, force_refresh=True)
                     continue
@@ -632,9 +626,7 @@ class ImageLoader:
         for address in addresses:
             unwrapped = getattr(address, "ipv4_mapped", None) or address
             if unwrapped in METADATA_ADDRESSES:
-                raise _FetchError(
-                    f"refused to fetch {shown}: {host} resolves to {address} (cloud metadata address)"
-                )
+                raise _FetchError(f"refused to fetch {shown}: {host} resolves to {address} (cloud metadata address)")
             if exempt or any(address in network for network in self._allowed_networks):
                 continue
             reason = _not_public_reason(address)
@@ -694,9 +686,7 @@ class ImageLoader:
         except Image.DecompressionBombError as exc:
             raise ImageLoadError(f"refused a decompression bomb: {exc}") from exc
         except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise ImageLoadError(
-                f"not an image Pillow can read ({len(raw)} bytes starting {raw[:12]!r})"
-            ) from exc
+            raise ImageLoadError(f"not an image Pillow can read ({len(raw)} bytes starting {raw[:12]!r})") from exc
         width, height = image.size
         limit = self.settings.max_image_pixels
         if width * height > limit:

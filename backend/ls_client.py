@@ -71,9 +71,7 @@ class LabelStudioClient:
 
     # ---- batch pre-annotation (backend.jobs): ids first, task data batch by batch
 
-    def task_ids(
-        self, project: int, *, view: int | None = None, ids: Sequence[int] | None = None
-    ) -> list[int]:
+    def task_ids(self, project: int, *, view: int | None = None, ids: Sequence[int] | None = None) -> list[int]:
         """Ids of the project's tasks in Label Studio's order: all of them, those a Data Manager
         ``view`` shows (its filters and ordering), or those of ``ids`` that exist in the project.
         Only ids travel, so listing 50,000 tasks stays cheap."""
@@ -83,16 +81,10 @@ class LabelStudioClient:
 
     def tasks(self, project: int, ids: Sequence[int]) -> list[dict[str, Any]]:
         """``{"id", "data"}`` of the given tasks (those that still exist), in the order of ``ids``."""
-        found = {
-            task["id"]: task
-            for query in _selections(ids)
-            for task in self._list(project, "id,data", query=query)
-        }
+        found = {task["id"]: task for query in _selections(ids) for task in self._list(project, "id,data", query=query)}
         return [found[i] for i in ids if i in found]
 
-    def ids_with_model_version(
-        self, project: int, model_version: str, ids: Sequence[int] | None = None
-    ) -> set[int]:
+    def ids_with_model_version(self, project: int, model_version: str, ids: Sequence[int] | None = None) -> set[int]:
         """Ids of tasks (of all, or of ``ids``) holding a prediction of ``model_version``.
 
         Label Studio filters server side; its "contains" is a substring match, exact for
@@ -157,7 +149,7 @@ def _selections(ids: Sequence[int], filters: dict[str, Any] | None = None) -> li
     queries = []
     for start in range(0, len(ids), _IDS_PER_QUERY):
         query: dict[str, Any] = {
-            "selectedItems": {"all": False, "included": [int(i) for i in ids[start:start + _IDS_PER_QUERY]]}
+            "selectedItems": {"all": False, "included": [int(i) for i in ids[start : start + _IDS_PER_QUERY]]}
         }
         if filters:
             query["filters"] = filters

@@ -98,12 +98,10 @@ def encode_instance(
             )
         if not mask.any():
             return []
-    elif control.is_mask:
-        raise ValueError(f"a {control.type} output needs a mask; instance {instance.label!r} has none")
-
     if control.type == "rectanglelabels":
         return _rectangle_regions(instance, control, mask, width, height)
-    assert mask is not None  # is_mask checked above
+    if mask is None:
+        raise ValueError(f"a {control.type} output needs a mask; instance {instance.label!r} has none")
     if control.type == "brushlabels":
         value: dict[str, Any] = {"format": "rle", "rle": encode_brush_rle(mask)}
     elif control.type == "bitmasklabels":
@@ -187,7 +185,7 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, min_area: int = 0
         contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         contour = max(contours, key=len)[:, 0, :].astype(np.float64) + (x - 1, y - 1)
         outline = _simplify(_outer_edge_points(contour), tolerance)
-        if outline is None:  # a point or a 2-pixel segment: its bounding box is exact
+        if outline is None:  # one pixel or two: the bounding box (exact unless they touch diagonally)
             outline = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float64)
         points = np.clip(outline / (width, height) * 100.0, 0.0, 100.0)
         polygons.append(points.tolist())
@@ -202,9 +200,7 @@ def _outer_edge_points(contour: np.ndarray) -> np.ndarray:
     # normal of an edge (dx, dy) is (-dy, dx); a zero-area contour (a 1-pixel-wide line,
     # traced forth and back) follows the same convention, which is what gives it thickness.
     orientation = -1.0 if len(contour) >= 3 and cv2.contourArea(contour.astype(np.float32), True) > 0 else 1.0
-    normal = orientation * np.stack(
-        [-(incoming[:, 1] + outgoing[:, 1]), incoming[:, 0] + outgoing[:, 0]], axis=1
-    )
+    normal = orientation * np.stack([-(incoming[:, 1] + outgoing[:, 1]), incoming[:, 0] + outgoing[:, 0]], axis=1)
     return contour + 0.5 + 0.5 * np.sign(normal)
 
 
@@ -314,8 +310,7 @@ def decode_bitmask_png(data_url: Any, width: int, height: int) -> np.ndarray:
         raise ValueError(f"bitmask data URL does not hold a readable image: {exc}") from exc
     if image.size != (width, height):
         raise ValueError(
-            f"bitmask image is {image.size[0]}x{image.size[1]} but the region's original size "
-            f"is {width}x{height}"
+            f"bitmask image is {image.size[0]}x{image.size[1]} but the region's original size is {width}x{height}"
         )
     if image.mode in {"RGBA", "LA", "PA"} or "transparency" in image.info:
         return np.asarray(image.convert("RGBA"))[:, :, 3] > 0

@@ -125,9 +125,7 @@ def coco_to_yolo(dataset: Mapping[str, Any], polygon_tolerance: float = 1.0) -> 
     return files
 
 
-def write_yolo(
-    dataset: Mapping[str, Any], out_dir: str | Path, polygon_tolerance: float = 1.0
-) -> dict[str, str]:
+def write_yolo(dataset: Mapping[str, Any], out_dir: str | Path, polygon_tolerance: float = 1.0) -> dict[str, str]:
     """Convert ``dataset`` and write it under ``out_dir`` (each file atomically); returns the files."""
     files = coco_to_yolo(dataset, polygon_tolerance)
     root = Path(out_dir)

@@ -96,10 +96,11 @@ class ShapeSegmenter:
     """A click -> the 8-connected region of one colour under it, on images of flat shapes.
 
     Like SAM's multimask output, each click gets three candidates at full resolution:
-    the region with crisp logits (``score``), the same region with soft logits of +/-0.5
-    (same score, but unstable: nothing survives a threshold shift of 1) and the whole image
-    (``whole_score``, low). A click on black (the background) gets the background region with
-    ``background_score``. Every ``segment_candidates`` call's prompt count is recorded.
+    the region with crisp logits (``score``); the region's bounding box with soft logits of
+    +/-0.5 (``score + 0.02``, so it would win NMS, but unstable: nothing survives a threshold
+    shift of 1); and the whole image (``whole_score``, low). A click on black (the background)
+    gets the background region with ``background_score``. A box prompt clicks its centre.
+    Every ``segment_candidates`` call's prompt count is recorded.
     """
 
     model_id = "test/shape-segmenter"
@@ -130,11 +131,18 @@ class ShapeSegmenter:
         regions, background = embedding.tensors["regions"], embedding.tensors["background"]
         out = []
         for prompt in prompts:
-            x, y = (int(v) for v in prompt.points[0])
+            if prompt.points:
+                x, y = (int(v) for v in prompt.points[0])
+            else:
+                assert prompt.box is not None
+                x, y = int((prompt.box[0] + prompt.box[2]) / 2), int((prompt.box[1] + prompt.box[3]) / 2)
             region = regions == regions[y, x]
+            rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+            box_fill = np.zeros_like(region)
+            box_fill[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
             score = self.background_score if background[y, x] else self.score
-            logits = np.stack([_logits(region), _logits(region, 0.5), _logits(np.ones_like(region))])
-            scores = np.array([score, score, self.whole_score], np.float32)
+            logits = np.stack([_logits(region), _logits(box_fill, 0.5), _logits(np.ones_like(region))])
+            scores = np.array([score, score + 0.02, self.whole_score], np.float32)
             out.append(MaskCandidates(logits, scores, embedding.image_size))
         return out
 

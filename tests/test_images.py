@@ -10,8 +10,11 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend import images as images_module
 from backend.config import Settings
 from backend.images import ImageLoader, ImageLoadError
 
@@ -44,9 +48,7 @@ Responder = Callable[[Hit], tuple[int, dict[str, str], bytes]]
 class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        hit = Hit(
-            self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length)
-        )
+        hit = Hit(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length))
         self.server.hits.append(hit)  # type: ignore[attr-defined]
         status, headers, payload = self.server.respond(hit)  # type: ignore[attr-defined]
         self.send_response(status)
@@ -64,17 +66,20 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Responder], tuple[str, list[Hit]]]]:
-    """``serve(respond) -> (base_url, hits)``: an HTTP server on 127.0.0.1 for the test."""
+def serve() -> Iterator[Callable[..., tuple[str, list[Hit]]]]:
+    """``serve(respond, tls=None) -> (base_url, hits)``: an HTTP(S) server on 127.0.0.1."""
     servers: list[ThreadingHTTPServer] = []
 
-    def start(respond: Responder) -> tuple[str, list[Hit]]:
+    def start(respond: Responder, tls: ssl.SSLContext | None = None) -> tuple[str, list[Hit]]:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
         server.respond = respond  # type: ignore[attr-defined]
         server.hits = []  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", server.hits  # type: ignore[attr-defined]
+        scheme = "https" if tls else "http"
+        return f"{scheme}://127.0.0.1:{server.server_address[1]}", server.hits  # type: ignore[attr-defined]
 
     yield start
     for server in servers:
@@ -392,9 +397,7 @@ def test_rejected_personal_access_token_is_a_clear_error(serve) -> None:
     ls_url, _ = serve(fake)
     wrong = jwt({"token_type": "refresh", "user": "someone else"})
     with pytest.raises(ImageLoadError, match=r"refused the personal access token .* \(HTTP 401\)"):
-        loader(label_studio_url=ls_url, label_studio_api_key=wrong).load(
-            task("/data/upload/1/a.png"), "image"
-        )
+        loader(label_studio_url=ls_url, label_studio_api_key=wrong).load(task("/data/upload/1/a.png"), "image")
 
 
 # ---------------------------------------------------------------------------- SSRF guard
@@ -426,9 +429,7 @@ def test_metadata_address_is_refused_even_when_allow_listed() -> None:
 
 def test_names_resolving_to_private_addresses_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_dns(monkeypatch, {"intranet.example": "10.1.2.3", "v6.example": "fd12::1"})
-    with pytest.raises(
-        ImageLoadError, match=r"intranet.example resolves to 10.1.2.3 \(not public: private\)"
-    ):
+    with pytest.raises(ImageLoadError, match=r"intranet.example resolves to 10.1.2.3 \(not public: private\)"):
         loader().load(task("http://intranet.example/cat.png"), "image")
     with pytest.raises(ImageLoadError, match=r"fd12::1 \(not public: private\)"):
         loader().load(task("https://v6.example/cat.png"), "image")
@@ -449,9 +450,7 @@ def test_allow_listed_host_is_fetched_at_the_checked_address_with_its_name(serve
     base, hits = serve(lambda hit: image_response(sample_png()))
     port = urlsplit(base).port
     fake_dns(monkeypatch, {"images.example": "127.0.0.1"})
-    loaded = loader(allowed_image_hosts="Images.Example").load(
-        task(f"http://images.example:{port}/a.png"), "image"
-    )
+    loaded = loader(allowed_image_hosts="Images.Example").load(task(f"http://images.example:{port}/a.png"), "image")
     assert loaded.width == 48
     assert hits[0].headers["host"] == f"images.example:{port}"
     assert loaded.source == f"http://images.example:{port}/a.png"
@@ -535,3 +534,50 @@ def test_local_files_only_when_enabled_and_under_the_root(tmp_path: Path) -> Non
         images.load(task("sub/dog.png"), "image")
     with pytest.raises(ImageLoadError, match="LOCAL_FILES_ROOT is not set"):
         loader(allow_local_files=True).load(task("sub/cat.png"), "image")
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not available to make a test certificate")
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName=DNS:{name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_is_pinned_to_the_checked_address_and_verifies_the_name(serve, monkeypatch, tmp_path) -> None:
+    cert, key = _self_signed(tmp_path, "images.example")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    base, hits = serve(lambda hit: image_response(sample_png()), tls=tls)
+    port = urlsplit(base).port
+    fake_dns(monkeypatch, {"images.example": "127.0.0.1", "other.example": "127.0.0.1"})
+    monkeypatch.setattr(images_module, "ca_bundle_path", lambda: str(cert))
+    images = loader(allowed_image_hosts="images.example,other.example")
+
+    assert images.load(task(f"https://images.example:{port}/a.png"), "image").width == 48
+    assert hits[0].headers["host"] == f"images.example:{port}"
+    # the certificate is checked against the URL's name, not the address connected to
+    with pytest.raises(ImageLoadError, match="other.example"):
+        images.load(task(f"https://other.example:{port}/a.png"), "image")
+    assert len(hits) == 1

@@ -67,9 +67,7 @@ def test_brush_rle_decodes_to_exact_pixels(width: int, height: int) -> None:
 @pytest.mark.parametrize(("width", "height"), SIZES)
 def test_bitmask_png_round_trip_on_non_square_images(width: int, height: int) -> None:
     mask = ring_and_blob(width, height)
-    [region] = encode_instance(
-        Instance("cat", 0.5, (0, 0, 1, 1), mask), control("bitmasklabels"), width, height
-    )
+    [region] = encode_instance(Instance("cat", 0.5, (0, 0, 1, 1), mask), control("bitmasklabels"), width, height)
 
     value = region["value"]
     BitmaskLabelsValue(**value)  # the SDK's schema for BitmaskLabels predictions
@@ -118,9 +116,7 @@ def test_polygons_one_region_per_part_and_min_area() -> None:
     width, height = 200, 120
     mask = ring_and_blob(width, height)
     mask[110, 5] = True  # a single pixel
-    regions = encode_instance(
-        Instance("cat", 0.5, (0, 0, 1, 1), mask), control("polygonlabels"), width, height
-    )
+    regions = encode_instance(Instance("cat", 0.5, (0, 0, 1, 1), mask), control("polygonlabels"), width, height)
     # ring, island inside its hole, blob, single pixel: four parts, each its own region
     assert len(regions) == 4
     assert len({r["id"] for r in regions}) == 4
@@ -225,9 +221,7 @@ def test_empty_mask_gives_no_region(kind: str) -> None:
 
 def test_mask_of_the_wrong_size_or_missing_is_refused() -> None:
     with pytest.raises(ValueError, match="shape"):
-        encode_instance(
-            Instance("cat", 0.9, (0, 0, 1, 1), np.ones((48, 64), bool)), control("brushlabels"), 48, 64
-        )
+        encode_instance(Instance("cat", 0.9, (0, 0, 1, 1), np.ones((48, 64), bool)), control("brushlabels"), 48, 64)
     with pytest.raises(ValueError, match="needs a mask"):
         encode_instance(Instance("cat", 0.9, (0, 0, 1, 1)), control("polygonlabels"), 64, 48)
 
@@ -282,3 +276,12 @@ def test_remove_small_regions_leaves_border_background_alone() -> None:
     mask = box_mask(40, 30, (0, 0, 40, 30))
     mask[0:2, 10:12] = False
     assert np.array_equal(remove_small_regions(mask, 10), mask)
+
+
+def test_holes_enclosed_by_diagonal_steps_are_holes() -> None:
+    # a 1-pixel diamond outline: 8-connected, so its inside is enclosed (4-connected background)
+    ys, xs = np.mgrid[0:20, 0:20]
+    distance = np.abs(xs - 10) + np.abs(ys - 10)
+    mask = distance == 6
+    assert (distance < 6).sum() == 61 and (distance <= 6).sum() == 85
+    assert np.array_equal(remove_small_regions(mask, 70), distance <= 6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from transformers import (
     BertConfig,
     BertTokenizer,
@@ -109,12 +110,14 @@ def _save_grounding_dino(model, path: str | Path, words: Iterable[str]) -> Path:
 
 def build_tiny_grounding_dino(path: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> Path:
     """A random ~1.5M-parameter GroundingDINO (+ processor) saved to ``path``; returns it."""
+    torch.manual_seed(0)  # random weights, but the same ones every run: no flaky tests
     model = GroundingDinoForObjectDetection(GroundingDinoConfig(**_grounding_dino_kwargs()))
     return _save_grounding_dino(model, path, words)
 
 
 def build_tiny_mm_grounding_dino(path: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> Path:
     """A random MM-GroundingDINO (same processor and tokenizer family as GroundingDINO)."""
+    torch.manual_seed(0)
     model = MMGroundingDinoForObjectDetection(MMGroundingDinoConfig(**_grounding_dino_kwargs()))
     return _save_grounding_dino(model, path, words)
 
@@ -173,6 +176,7 @@ def build_tiny_owlv2(path: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> 
     processor = Owlv2Processor(
         image_processor=Owlv2ImageProcessor(size={"height": 96, "width": 96}), tokenizer=tokenizer
     )
+    torch.manual_seed(0)
     Owlv2ForObjectDetection(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path

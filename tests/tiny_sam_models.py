@@ -18,6 +18,8 @@ from transformers import (
     Sam2ImageProcessor,
     Sam2Model,
     Sam2Processor,
+    Sam2VideoConfig,
+    Sam2VideoModel,
     Sam2VisionConfig,
     Sam3ImageProcessor,
     Sam3TrackerConfig,
@@ -126,9 +128,7 @@ def build_tiny_sam2(path: str | Path) -> Path:
         mask_decoder_config=dict(_TRACKER_DECODER),
     )
     processor = Sam2Processor(
-        image_processor=Sam2ImageProcessor(
-            size={"height": 256, "width": 256}, mask_size={"height": 64, "width": 64}
-        )
+        image_processor=Sam2ImageProcessor(size={"height": 256, "width": 256}, mask_size={"height": 64, "width": 64})
     )
     return _save(Sam2Model(config), processor, path)
 
@@ -155,8 +155,19 @@ def build_tiny_sam3_tracker(path: str | Path) -> Path:
         mask_decoder_config=dict(_TRACKER_DECODER),
     )
     processor = Sam3TrackerProcessor(
-        image_processor=Sam3ImageProcessor(
-            size={"height": 112, "width": 112}, mask_size={"height": 32, "width": 32}
-        )
+        image_processor=Sam3ImageProcessor(size={"height": 112, "width": 112}, mask_size={"height": 32, "width": 32})
     )
     return _save(Sam3TrackerModel(config), processor, path)
+
+
+def build_tiny_sam2_video(path: str | Path) -> Path:
+    """The tiny SAM 2 saved as the *video* model (``model_type: sam2_video``), the layout of
+    the hub's facebook/sam2.1-hiera-* repositories, with the image processor."""
+    image_folder = build_tiny_sam2(Path(path) / "image")
+    image_config = Sam2Config.from_pretrained(image_folder)
+    config = Sam2VideoConfig(
+        vision_config=image_config.vision_config.to_dict(),
+        prompt_encoder_config=image_config.prompt_encoder_config.to_dict(),
+        mask_decoder_config=image_config.mask_decoder_config.to_dict(),
+    )
+    return _save(Sam2VideoModel(config), Sam2Processor.from_pretrained(image_folder), Path(path) / "video")

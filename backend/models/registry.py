@@ -58,8 +58,7 @@ def load_detector(settings: Settings) -> Detector:
     if model_type == "owlv2":
         return Owlv2Detector(model_id, device=device, dtype=dtype)
     raise ModelLoadError(
-        f"DETECTOR_MODEL={model_id!r} is a {model_type!r} model; supported detectors: "
-        f"{', '.join(DETECTOR_MODEL_TYPES)}"
+        f"DETECTOR_MODEL={model_id!r} is a {model_type!r} model; supported detectors: {', '.join(DETECTOR_MODEL_TYPES)}"
     )
 
 
@@ -78,9 +77,7 @@ def load_segmenter(settings: Settings) -> Segmenter:
             f"SEGMENTER_MODEL={model_id!r} is a {model_type!r} model; supported segmenters: "
             f"{', '.join(SEGMENTER_MODEL_TYPES)} or a segment-anything .pth checkpoint"
         )
-    return SamSegmenter(
-        model_id, device=device, dtype=dtype, max_batch_size=batch_size, model_type=model_type
-    )
+    return SamSegmenter(model_id, device=device, dtype=dtype, max_batch_size=batch_size, model_type=model_type)
 
 
 def load_models(settings: Settings) -> ModelBundle:

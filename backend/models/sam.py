@@ -98,9 +98,7 @@ def mask_to_low_res_logits(
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
     tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     shrinking = input_size[0] < mask.shape[0] or input_size[1] < mask.shape[1]
-    resized = F.interpolate(
-        tensor, size=input_size, mode="bilinear", align_corners=False, antialias=shrinking
-    )
+    resized = F.interpolate(tensor, size=input_size, mode="bilinear", align_corners=False, antialias=shrinking)
     framed = F.pad(resized, (0, frame_size[1] - input_size[1], 0, frame_size[0] - input_size[0]))
     coverage = F.interpolate(framed, size=low_res_size, mode="area")[0, 0]
     return ((coverage * 2.0 - 1.0) * magnitude).numpy().astype(np.float32)
@@ -119,9 +117,7 @@ def validate_prompt(prompt: PromptSet, image_size: tuple[int, int], low_res_size
     if len(prompt.points) != len(prompt.point_labels):
         raise ValueError(f"{len(prompt.points)} points but {len(prompt.point_labels)} point labels")
     if any(label not in (0, 1) for label in prompt.point_labels):
-        raise ValueError(
-            f"point labels must be 1 (positive) or 0 (negative), got {list(prompt.point_labels)}"
-        )
+        raise ValueError(f"point labels must be 1 (positive) or 0 (negative), got {list(prompt.point_labels)}")
     if not prompt.points and prompt.box is None:
         raise ValueError("a prompt set needs at least one point or a box")
     if prompt.mask_logits is not None and tuple(prompt.mask_logits.shape) != low_res_size:
@@ -129,10 +125,8 @@ def validate_prompt(prompt: PromptSet, image_size: tuple[int, int], low_res_size
             f"mask_logits has shape {tuple(prompt.mask_logits.shape)} but this model takes {low_res_size}: "
             "pass a previous answer's low_res_logits from the same model, or a full-size prior_mask"
         )
-    if prompt.prior_mask is not None and tuple(prompt.prior_mask.shape) != image_size:
-        raise ValueError(
-            f"prior_mask has shape {tuple(prompt.prior_mask.shape)} but the image is {image_size} (h, w)"
-        )
+    if prompt.prior_mask is not None and tuple(prompt.prior_mask.shape) != tuple(image_size):
+        raise ValueError(f"prior_mask has shape {tuple(prompt.prior_mask.shape)} but the image is {image_size} (h, w)")
 
 
 def check_prompts(
@@ -229,9 +223,7 @@ class SamSegmenter:
         else:
             side = int(self.processor.target_size)
             self._frame_size = (side, side)
-        self.low_res_size: tuple[int, int] = tuple(
-            4 * int(s) for s in self.model.prompt_encoder.image_embedding_size
-        )
+        self.low_res_size: tuple[int, int] = tuple(4 * int(s) for s in self.model.prompt_encoder.image_embedding_size)
 
     # -- geometry -------------------------------------------------------------------------
 
@@ -245,9 +237,7 @@ class SamSegmenter:
     def mask_to_logits(self, mask: np.ndarray) -> np.ndarray:
         """A full-resolution 0/1 mask (e.g. an existing region) as this model's mask prompt,
         so refinement clicks start from it (``PromptSet.mask_logits``)."""
-        return mask_to_low_res_logits(
-            mask, self._input_size(mask.shape[:2]), self._frame_size, self.low_res_size
-        )
+        return mask_to_low_res_logits(mask, self._input_size(mask.shape[:2]), self._frame_size, self.low_res_size)
 
     def _mask_prompt(self, prompt: PromptSet) -> np.ndarray:
         """The low-res logits of a prompt set: its own ``mask_logits`` (the model's previous
@@ -263,9 +253,7 @@ class SamSegmenter:
         batch = [low_res[None, None].float()]
         sizes = [list(embedding.image_size)]
         if self._family.padded:
-            upsampled = self.processor.post_process_masks(
-                batch, sizes, [list(embedding.tensors["input_size"])]
-            )
+            upsampled = self.processor.post_process_masks(batch, sizes, [list(embedding.tensors["input_size"])])
         else:
             upsampled = self.processor.post_process_masks(batch, sizes)
         return upsampled[0][0, 0].cpu().numpy()
@@ -307,9 +295,7 @@ class SamSegmenter:
             prompts, self.max_batch_size, lambda batch: self._segment_batch(embedding, batch, multimask)
         )
 
-    def segment_candidates(
-        self, embedding: ImageEmbedding, prompts: Sequence[PromptSet]
-    ) -> list[MaskCandidates]:
+    def segment_candidates(self, embedding: ImageEmbedding, prompts: Sequence[PromptSet]) -> list[MaskCandidates]:
         """All three multimask candidates per prompt set as low-res logits, for the point
         grid of the everything mode (:class:`~backend.models.base.CandidateSegmenter`)."""
         check_prompts(embedding, prompts, self.model_id, self.low_res_size)
@@ -322,9 +308,7 @@ class SamSegmenter:
 
         def run(batch: list[PromptSet]) -> list[MaskCandidates]:
             iou, low_res = self._decode(embedding, batch, multimask=True)
-            return [
-                MaskCandidates(low_res[i].cpu().numpy(), iou[i].cpu().numpy(), extent) for i in range(len(batch))
-            ]
+            return [MaskCandidates(low_res[i].cpu().numpy(), iou[i].cpu().numpy(), extent) for i in range(len(batch))]
 
         return segment_in_groups(prompts, self.max_batch_size, run)
 
@@ -374,20 +358,16 @@ class SamSegmenter:
             kwargs["input_boxes"] = boxes.to(self.device)  # (n, 1, 4)
         if group_key(batch[0])[2]:
             masks = np.stack([self._mask_prompt(p) for p in batch])
-            _unused = torch.from_numpy(masks)[:, None].to(self.device)  # (n, 1, h, w)
+            kwargs["input_masks"] = torch.from_numpy(masks)[:, None].to(self.device)  # (n, 1, h, w)
 
         def expand(tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.to(self.device)
             return tensor.expand(n, *tensor.shape[1:])
 
         stored = embedding.tensors["image_embeddings"]
-        kwargs["image_embeddings"] = (
-            [expand(t) for t in stored] if self._family.multiscale else expand(stored)
-        )
+        kwargs["image_embeddings"] = [expand(t) for t in stored] if self._family.multiscale else expand(stored)
         if self._family.hq:
-            kwargs["intermediate_embeddings"] = [
-                expand(t) for t in embedding.tensors["intermediate_embeddings"]
-            ]
+            kwargs["intermediate_embeddings"] = [expand(t) for t in embedding.tensors["intermediate_embeddings"]]
 
         with self._lock, inference_context(self.device, self.dtype):
             output = self.model(**kwargs)

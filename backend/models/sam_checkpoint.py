@@ -25,7 +25,7 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from backend.models.base import ImageEmbedding, MaskPrediction, PromptSet
+from backend.models.base import ImageEmbedding, MaskCandidates, MaskPrediction, PromptSet
 from backend.models.loading import ModelLoadError, inference_context, resolve_device
 from backend.models.sam import check_prompts, group_key, mask_to_low_res_logits, segment_in_groups
 
@@ -205,11 +205,54 @@ class SamCheckpointSegmenter:
             prompts, self.max_batch_size, lambda batch: self._segment_batch(embedding, batch, multimask)
         )
 
+    def segment_candidates(self, embedding: ImageEmbedding, prompts: Sequence[PromptSet]) -> list[MaskCandidates]:
+        """All three multimask candidates per prompt set as low-res logits, for the point
+        grid of the everything mode (:class:`~backend.models.base.CandidateSegmenter`)."""
+        check_prompts(embedding, prompts, self.model_id, self.low_res_size)
+        in_h, in_w = embedding.tensors["input_size"]
+        low_h, low_w = self.low_res_size
+        # the image fills the top-left input_size of the padded img_size square
+        extent = (in_h * low_h / self._img_size, in_w * low_w / self._img_size)
+
+        def run(batch: list[PromptSet]) -> list[MaskCandidates]:
+            iou, low_res = self._decode(embedding, batch, multimask=True)
+            return [MaskCandidates(low_res[i].cpu().numpy(), iou[i].cpu().numpy(), extent) for i in range(len(batch))]
+
+        return segment_in_groups(prompts, self.max_batch_size, run)
+
     def _segment_batch(
         self, embedding: ImageEmbedding, batch: Sequence[PromptSet], multimask: bool
     ) -> list[MaskPrediction]:
-        """``SamPredictor.predict_torch`` for a batch of same-shaped prompt sets."""
-        original_size = embedding.image_size
+        """The best candidate of each prompt set, upsampled to the original size with
+        ``Sam.postprocess_masks`` (``SamPredictor``'s geometry)."""
+        iou, candidates = self._decode(embedding, batch, multimask)
+        best = iou.argmax(dim=-1)
+        rows = torch.arange(len(batch), device=best.device)
+        chosen = candidates[rows, best]  # (n, h, w)
+        scores = iou[rows, best]
+        original_size = tuple(embedding.image_size)
+        input_size = tuple(embedding.tensors["input_size"])
+        with torch.inference_mode():
+            return [
+                MaskPrediction(
+                    mask=(
+                        self.model.postprocess_masks(chosen[i][None, None], input_size, original_size)
+                        > self.model.mask_threshold
+                    )[0, 0]
+                    .cpu()
+                    .numpy(),
+                    score=float(scores[i]),
+                    low_res_logits=chosen[i].cpu().numpy(),
+                )
+                for i in range(len(batch))
+            ]
+
+    def _decode(
+        self, embedding: ImageEmbedding, batch: Sequence[PromptSet], multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``SamPredictor.predict_torch`` for same-shaped prompt sets, before any choice:
+        predicted IoU (n, k) and low-res logits (n, k, h, w) of every candidate, float32."""
+        original_size = tuple(embedding.image_size)
         points = None
         boxes = None
         masks = None
@@ -243,23 +286,4 @@ class SamCheckpointSegmenter:
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
             )
-        iou = iou.float()
-        best = iou.argmax(dim=-1)
-        rows = torch.arange(len(batch), device=best.device)
-        chosen = low_res[rows, best].float()  # (n, h, w)
-        scores = iou[rows, best]
-        input_size = tuple(embedding.tensors["input_size"])
-        with torch.inference_mode():
-            return [
-                MaskPrediction(
-                    mask=(
-                        self.model.postprocess_masks(chosen[i][None, None], input_size, original_size)
-                        > self.model.mask_threshold
-                    )[0, 0]
-                    .cpu()
-                    .numpy(),
-                    score=float(scores[i]),
-                    low_res_logits=chosen[i].cpu().numpy(),
-                )
-                for i in range(len(batch))
-            ]
+        return iou.float(), low_res.float()

@@ -16,7 +16,7 @@ the detector is sure of but whose mask SAM doubts ranks below one both agree on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,13 +138,26 @@ def preannotate(
     segmenter: Segmenter,
     cache: EmbeddingCache,
     params: PreannotateParams,
+    on_unmatched: Callable[[int], None] | None = None,
 ) -> list[Instance]:
-    """Find every label's instances in ``image`` and segment them."""
+    """Find every label's instances in ``image`` and segment them.
+
+    ``on_unmatched`` receives the number of confident boxes whose text matched no label
+    phrase (dropped, never given a default label), when the detector reports it.
+    """
     table = PhraseTable.from_labels(prompts_by_label)
     if not table.phrases:
         return []
     lowest = min([params.box_threshold, *params.label_thresholds.values()])
-    detections = detector.detect(image, table.phrases, lowest, params.text_threshold)
+    with_stats = getattr(detector, "detect_with_stats", None)
+    if with_stats is not None:
+        detections, stats = with_stats(image, table.phrases, lowest, params.text_threshold)
+        if stats.unmatched:
+            log.info("%d confident boxes matched no label phrase and were dropped", stats.unmatched)
+            if on_unmatched is not None:
+                on_unmatched(stats.unmatched)
+    else:
+        detections = detector.detect(image, table.phrases, lowest, params.text_threshold)
     selected = select_detections(detections, table, params)
     if not selected:
         return []
