@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check backend tests bench
 
 test: lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run_all

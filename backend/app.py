@@ -7,20 +7,23 @@ JSON body ``{"status": <code>, "detail": "<sentence>"}`` (Label Studio shows the
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.config import Settings
+from backend.config import ConfigError, Settings
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.metrics import CONTENT_TYPE, Metrics
+from backend.logs import install_request_context
+from backend.metrics import CONTENT_TYPE, Metrics, webhook_action_label
 from backend.predictor import Credentials, InteractiveError, Predictor, model_version_for
 from backend.protocol import (
     PredictRequest,
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 
 PredictorFactory = Callable[[Settings, Metrics], Predictor]
 
+# A caller's X-Request-ID is reused only when it looks like an id: it goes into every log line.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
 
 def default_predictor_factory(settings: Settings, metrics: Metrics) -> Predictor:
     """Load the configured models and build the caches (runs in the loader thread)."""
@@ -43,18 +49,31 @@ def default_predictor_factory(settings: Settings, metrics: Metrics) -> Predictor
     from backend.images import ImageLoader
     from backend.models.registry import load_models
 
-    bundle = load_models(settings)
-    cache = EmbeddingCache.from_settings(settings)
-    return Predictor(settings, bundle.detector, bundle.segmenter, cache, ImageLoader(settings), metrics)
+    cache = EmbeddingCache.from_settings(settings)  # first: SAM 3's click tracker reads from it
+    bundle = load_models(settings, cache)
+    return Predictor(
+        settings,
+        bundle.detector,
+        bundle.segmenter,
+        cache,
+        ImageLoader(settings),
+        metrics,
+        concept_segmenter=bundle.concept_segmenter,
+    )
 
 
 class ApiError(Exception):
-    """An expected failure with an HTTP status and a sentence for the user."""
+    """An expected failure with an HTTP status and a sentence for the user.
 
-    def __init__(self, status: int, detail: str) -> None:
+    ``kind`` is its ``gsb_errors_total`` label: ``request`` for other 4xx, ``model`` for 5xx
+    unless given.
+    """
+
+    def __init__(self, status: int, detail: str, kind: str | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.kind = kind or ("request" if status < 500 else "model")
 
 
 def _error(status: int, detail: str) -> tuple[Response, int]:
@@ -62,34 +81,65 @@ def _error(status: int, detail: str) -> tuple[Response, int]:
 
 
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError as exc:  # the C decoder's depth guard; not a ValueError, so not silenced
+        raise ApiError(400, "the request body is nested too deeply") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
 
 
+@dataclass(frozen=True)
+class ProjectSetup:
+    """What ``/setup`` told us about a project: its label config, where its images live, and
+    its own prediction mode (``extra_params.prediction_mode``), if any."""
+
+    label_config: str | None = None
+    credentials: Credentials = field(default_factory=Credentials)
+    mode: str | None = None
+
+
 class BackendState:
-    """Per-app state: models, credentials and label configs from /setup, recent webhooks."""
+    """Per-app state: models, credentials and label configs from /setup, recent webhooks.
+
+    Per-project state is kept for the ``max_projects`` most recently set up projects: project
+    ids come from the caller, and Label Studio sends the label config with every /predict
+    anyway, so forgetting an old project costs nothing but keeps memory bounded.
+    """
+
+    max_projects = 1024
 
     def __init__(self, settings: Settings, factory: PredictorFactory) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.runtime: ModelRuntime[Predictor] = ModelRuntime(lambda: factory(settings, self.metrics))
         self._lock = threading.Lock()
-        self.credentials: dict[str, Credentials] = {}
-        self.label_configs: dict[str, str] = {}
+        self.setups: OrderedDict[str, ProjectSetup] = OrderedDict()
         self.webhook_events: deque[dict[str, Any]] = deque(maxlen=100)
 
-    def remember_setup(self, project: str | None, schema: str, creds: Credentials) -> None:
+    def remember_setup(self, project: str | None, setup: ProjectSetup) -> None:
         if project is None:
             return
         with self._lock:
-            self.credentials[project] = creds
-            self.label_configs[project] = schema
+            self.setups[project] = setup
+            self.setups.move_to_end(project)
+            while len(self.setups) > self.max_projects:
+                self.setups.popitem(last=False)
 
-    def credentials_for(self, project: str | None) -> Credentials:
+    def setup_for(self, project: str | None) -> ProjectSetup:
         with self._lock:
-            return self.credentials.get(project or "", Credentials())
+            return self.setups.get(project or "", ProjectSetup())
+
+
+def route_info(state: BackendState) -> dict[str, Any]:
+    """The pre-annotation route and the model of every role: the loaded ones once the models
+    are ready, the configured ones before (``PIPELINE=auto`` is resolved while they load)."""
+    if state.runtime.state == "ready":
+        predictor = state.runtime.get(0)
+        return {"pipeline": predictor.pipeline, "models": predictor.model_ids()}
+    configured = {"detector": state.settings.detector_model, "segmenter": state.settings.segmenter_model}
+    return {"pipeline": state.settings.pipeline, "models": configured}
 
 
 def create_app(settings: Settings | None = None, predictor_factory: PredictorFactory | None = None) -> Flask:
@@ -99,11 +149,13 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     app.extensions["backend_state"] = state
+    install_request_context()
     state.runtime.start()
 
     @app.before_request
     def _start() -> Response | tuple[Response, int] | None:
-        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:12]
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex[:12]
         g.started = time.perf_counter()
         if settings.basic_auth_user and request.endpoint != "health":
             auth = request.authorization
@@ -113,6 +165,7 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
                 and secrets.compare_digest(auth.password or "", settings.basic_auth_pass)
             )
             if not ok:
+                state.metrics.errors.labels(kind="auth").inc()
                 response, status = _error(401, "basic authentication required")
                 response.headers["WWW-Authenticate"] = 'Basic realm="grounded-sam-backend"'
                 return response, status
@@ -128,13 +181,14 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> tuple[Response, int]:
-        kind = "request" if exc.status < 500 else "model"
-        state.metrics.errors.labels(kind=kind).inc()
+        state.metrics.errors.labels(kind=exc.kind).inc()
         log.info("request %s: %s %s", g.get("request_id"), exc.status, exc.detail)
         return _error(exc.status, exc.detail)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        # werkzeug's own refusals: unknown route, wrong method, body over MAX_REQUEST_MB
+        state.metrics.errors.labels(kind="request").inc()
         return _error(exc.code or 500, exc.description or exc.name)
 
     @app.errorhandler(Exception)
@@ -156,6 +210,7 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
                 "detector": settings.detector_model,
                 "segmenter": settings.segmenter_model,
                 "device": settings.device,
+                **route_info(state),
             }
         )
 
@@ -168,22 +223,37 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
         try:
             project = parse_label_config(body.schema_, settings.label_prompts)
         except LabelConfigError as exc:
-            raise ApiError(400, f"unsupported label config: {exc}") from exc
+            raise ApiError(400, f"unsupported label config: {exc}", kind="config") from exc
         if state.runtime.state == "error":
             raise ApiError(503, f"models failed to load: {state.runtime.error}")
+        mode = (body.extra_params or {}).get("prediction_mode")
+        try:
+            version = model_version_for(settings, project, mode)
+        except ConfigError as exc:
+            raise ApiError(400, f"extra_params: {exc}", kind="config") from exc
         state.remember_setup(
-            project_id(body.project), body.schema_, Credentials(body.hostname, body.access_token)
+            project_id(body.project),
+            ProjectSetup(body.schema_, Credentials(body.hostname, body.access_token), mode),
         )
-        return jsonify({"model_version": model_version_for(settings, project)})
+        return jsonify({"model_version": version, **route_info(state)})
 
     @app.post("/predict")
     def predict() -> Response:
+        raw = _json_body()
+        raw_tasks = raw.get("tasks")
+        if isinstance(raw_tasks, list) and len(raw_tasks) > settings.max_tasks_per_request:
+            raise ApiError(
+                413,
+                f"{len(raw_tasks)} tasks in one request, over MAX_TASKS_PER_REQUEST="
+                f"{settings.max_tasks_per_request}; select fewer tasks or raise the limit",
+            )
         try:
-            body = PredictRequest.model_validate(_json_body())
+            body = PredictRequest.model_validate(raw)
         except ValidationError as exc:
             raise ApiError(400, describe_validation_error(exc)) from exc
-        project = project_id(body.project)
-        label_config = body.label_config or state.label_configs.get(project or "")
+        g.task_ids = [task.id for task in body.tasks]
+        project_setup = state.setup_for(project_id(body.project))
+        label_config = body.label_config or project_setup.label_config
         if not label_config:
             raise ApiError(400, "label_config is missing and /setup was not called for this project")
         try:
@@ -191,7 +261,7 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
         except ModelsNotReady as exc:
             raise ApiError(503, str(exc)) from exc
         tasks = [task.model_dump() for task in body.tasks]
-        creds = state.credentials_for(project)
+        creds = project_setup.credentials
         context = body.context
         try:
             if context and context.get("result"):
@@ -199,9 +269,9 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
                     raise ApiError(400, f"an interactive request must hold exactly one task, got {len(tasks)}")
                 results = [predictor.predict_interactive(tasks[0], context, label_config, creds)]
             else:
-                results = predictor.predict_tasks(tasks, label_config, creds)
+                results = predictor.predict_tasks(tasks, label_config, creds, project_setup.mode)
         except LabelConfigError as exc:
-            raise ApiError(400, f"unsupported label config: {exc}") from exc
+            raise ApiError(400, f"unsupported label config: {exc}", kind="config") from exc
         except InteractiveError as exc:
             raise ApiError(400, f"cannot use this interactive context: {exc}") from exc
         return jsonify({"results": results})
@@ -212,7 +282,7 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
             event = WebhookEvent.model_validate(_json_body())
         except ValidationError as exc:
             raise ApiError(400, describe_validation_error(exc)) from exc
-        state.metrics.webhook_events.labels(action=event.action).inc()
+        state.metrics.webhook_events.labels(action=webhook_action_label(event.action)).inc()
         state.webhook_events.append({"action": event.action, "received": time.time()})
         return jsonify({"status": "ok", "action": event.action})
 

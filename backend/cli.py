@@ -7,18 +7,11 @@ only wires them and starts the server.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from backend.config import ConfigError, Settings
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
-    )
+from backend.logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,7 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "workers": args.workers}.items() if v}
     settings = Settings.from_env(**overrides)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     from backend.app import create_app
 

@@ -276,7 +276,7 @@ def _image_size(task: Task, tid: int, regions: Sequence[Mapping[str, Any]]) -> t
 def categories(tasks: Sequence[Task], config: ProjectConfig | None = None) -> list[dict[str, Any]]:
     """COCO categories: config labels in config order, else every label seen, sorted."""
     if config is not None:
-        names: Sequence[str] = config.label_values()
+        names: Sequence[str] = config.export_label_values()
     else:
         seen: set[str] = set()
         for task in tasks:
@@ -568,7 +568,7 @@ _PREFERENCE = {
 def _pick_control(config: ProjectConfig, label: str, shape: str, where: str) -> OutputControl:
     """The output control for a COCO object: the one that stores its shape most faithfully
     (masks -> brush, one ring -> polygon, bbox only -> rectangle)."""
-    controls = [c for c in config.outputs if label in c.label_values()]
+    controls = [c for c in config.export_outputs() if label in c.label_values()]
     if not controls:
         raise CocoError(f"{where}: category {label!r} is not a label of the label config")
     for kind in _PREFERENCE[shape]:

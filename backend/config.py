@@ -42,11 +42,13 @@ class Settings:
     """Runtime configuration. Field names are the lower-case environment variable names."""
 
     # models
+    pipeline: str = "auto"  # auto | grounded-sam | sam3 (auto: sam3 when SEGMENTER_MODEL is a SAM 3 checkpoint)
     detector_model: str = "IDEA-Research/grounding-dino-tiny"
     segmenter_model: str = "facebook/sam-vit-base"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     torch_threads: int = 0  # 0: torch's default
+    detector_max_size: int = 0  # longest edge of the detector input, pixels (0: the model's own, 1333)
     # pre-annotation thresholds
     box_threshold: float = 0.3
     text_threshold: float = 0.25
@@ -58,7 +60,7 @@ class Settings:
     min_region_area: int = 0  # pixels; 0 keeps every island and hole
     polygon_tolerance: float = 1.0  # pixels (Douglas-Peucker epsilon)
     max_detections: int = 100
-    segmenter_batch_size: int = 16
+    segmenter_batch_size: int = 0  # prompt sets per SAM decoder call; 0: by device (CPU 1, CUDA 16)
     refine_existing: bool = True  # a click inside an existing same-label region refines it
     # prediction mode and "segment everything" (segment-anything's automatic mask generator)
     prediction_mode: str = "grounded"  # grounded | everything | grounded+everything
@@ -109,8 +111,11 @@ class Settings:
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     model_wait_s: float = 60.0
+    interactive_priority_s: float = 2.0  # a batch task yields to clicks at most this long
     max_request_mb: int = 64
+    max_tasks_per_request: int = 1000  # more tasks in one /predict -> 413
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -166,7 +171,9 @@ class Settings:
 
 
 _OUTPUT_DECIDING_FIELDS = {
+    "pipeline",
     "detector_model",
+    "detector_max_size",
     "segmenter_model",
     "dtype",
     "box_threshold",

@@ -116,6 +116,17 @@ class _FetchError(ImageLoadError):
         self.retry_after = retry_after
 
 
+def pixel_sha256(image: Image.Image) -> str:
+    """The content hash of a decoded image (``LoadedImage.sha256``): its size and pixels.
+
+    Public so that a model adapter handed only the image (a ``Segmenter.embed``) can name the
+    same embedding-cache entry the pipeline names with the loader's hash.
+    """
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class LoadedImage:
     """A decoded task image: RGB, EXIF orientation applied (the size Label Studio displays)."""
@@ -281,9 +292,7 @@ class ImageLoader:
             raise ImageLoadError(f"{where} = {_shorten(value)!r}: {exc}") from exc
         except ValueError as exc:  # urllib.parse on malformed URLs ("http://[x", bad ports)
             raise ImageLoadError(f"{where} = {_shorten(value)!r}: malformed reference: {exc}") from exc
-        digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
-        digest.update(image.tobytes())
-        return LoadedImage(image, image.width, image.height, digest.hexdigest(), source)
+        return LoadedImage(image, image.width, image.height, pixel_sha256(image), source)
 
     # ------------------------------------------------------------------ resolution
 
@@ -532,7 +541,9 @@ class ImageLoader:
         deadline = time.monotonic() + self.settings.download_timeout_s
         body = bytearray()
         try:
-            for chunk in response.stream(_CHUNK_BYTES):
+            # read1, not stream(): stream(n) blocks until n bytes arrive, so a server sending a
+            # byte per second would never reach the deadline check (each read is within timeout)
+            while chunk := response.read1(_CHUNK_BYTES):
                 body += chunk
                 if len(body) > limit:
                     raise _FetchError(f"{_display_url(url)} sent more than MAX_IMAGE_BYTES={limit} bytes")

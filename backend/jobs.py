@@ -43,6 +43,7 @@ from label_studio_sdk.errors import BadRequestError
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry, SimpleWorker
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.worker import WorkerStatus
@@ -228,8 +229,11 @@ def _post_checked(
         if len(fresh) == 1:
             outcome.rejected[fresh[0]] = f"task {fresh[0]}: {describe_error(exc)}"
             return outcome
-    # Label Studio stores nothing of a refused request: post one by one to name the culprits.
-    for task_id in fresh:
+    # Post one by one to name the refused tasks. Label Studio validates and stores in slices
+    # of 500, so a refused request of more may have stored its first slices: check again.
+    stored = client.ids_with_model_version(project, model_version, fresh)
+    outcome.posted += [i for i in fresh if i in stored]
+    for task_id in (i for i in fresh if i not in stored):
         try:
             client.import_predictions(project, [payloads[task_id]])
             outcome.posted.append(task_id)
@@ -253,6 +257,12 @@ class Plan:
     todo: list[int]  # to predict, in Label Studio's order
     deferred: int = 0  # left for a later run by --limit
     not_found: list[int] = field(default_factory=list)  # given ids that are not in the project
+    overwrite: bool = False  # replace predictions of model_version instead of skipping them
+
+    def start_summary(self) -> RunSummary:
+        """Totals before any batch: the skipped tasks, and given ids not found as failures."""
+        missing = {i: f"task {i}: not in project {self.project}" for i in self.not_found}
+        return RunSummary(skipped=self.already_predicted, failed=missing)
 
 
 def make_plan(
@@ -286,6 +296,7 @@ def make_plan(
         todo=todo,
         deferred=len(remaining) - len(todo),
         not_found=sorted(set(wanted) - set(ids)) if wanted is not None else [],
+        overwrite=overwrite,
     )
 
 
@@ -407,7 +418,6 @@ def run_batches(
     *,
     batch_size: int,
     stop: threading.Event,
-    overwrite: bool = False,
     on_batch: Callable[[BatchResult], None] = lambda result: None,
     backoff: Backoff = DEFAULT_BACKOFF,
 ) -> RunSummary:
@@ -415,7 +425,7 @@ def run_batches(
     (a batch in hand is always finished and posted). A batch that raises (Label Studio gone
     for longer than the backoff) ends the run with ``error`` set: what was posted stays, and
     the next run resumes after it."""
-    summary = RunSummary(skipped=plan.already_predicted)
+    summary = plan.start_summary()
     for batch in batches(plan.todo, batch_size):
         if stop.is_set():
             summary.interrupted = True
@@ -423,7 +433,7 @@ def run_batches(
         try:
             result = process_batch(
                 client, predictor, plan.project, plan.label_config, batch, plan.model_version,
-                overwrite=overwrite, backoff=backoff,
+                overwrite=plan.overwrite, backoff=backoff,
             )
         except Exception as exc:
             log.exception("batch of tasks %s..%s failed", batch[0], batch[-1])
@@ -491,7 +501,6 @@ def enqueue_plan(
     plan: Plan,
     *,
     batch_size: int,
-    overwrite: bool = False,
     job_timeout_s: int = 3600,
     retries: int = 3,
 ) -> tuple[list[Job], list[Job]]:
@@ -512,7 +521,7 @@ def enqueue_plan(
                 "project": plan.project,
                 "task_ids": chunk,
                 "model_version": plan.model_version,
-                "overwrite": overwrite,
+                "overwrite": plan.overwrite,
             },
             timeout=job_timeout_s,
             retry=Retry(max=retries),
@@ -551,15 +560,16 @@ def follow(
     jobs: Sequence[Job],
     *,
     stop: threading.Event,
+    summary: RunSummary | None = None,
     on_result: Callable[[BatchResult], None] = lambda result: None,
     poll_s: float = 1.0,
     cleanup_s: float = 5.0,
 ) -> RunSummary:
-    """Wait for ``jobs`` and add up their results; a job that failed for good counts all its
-    tasks as failed with the job's last error. Returns early, ``interrupted``, when ``stop``
-    is set (the jobs keep running on the workers)."""
+    """Wait for ``jobs`` and add up their results (into ``summary`` when given); a job that
+    failed for good counts all its tasks as failed with the job's last error. Returns early,
+    ``interrupted``, when ``stop`` is set (the jobs keep running on the workers)."""
     pending = {job.id: job_task_ids(job) for job in jobs}
-    summary = RunSummary()
+    summary = RunSummary() if summary is None else summary
     last_cleanup = float("-inf")
     while pending:
         if time.monotonic() - last_cleanup >= cleanup_s:
@@ -572,7 +582,8 @@ def follow(
                 del pending[job_id]
                 summary.add(result)
                 on_result(result)
-        if pending and stop.wait(poll_s):
+        # Each poll reads every pending job: with thousands, poll less often (about 500 a second).
+        if pending and stop.wait(max(poll_s, len(pending) / 500)):
             summary.interrupted = True
             break
     return summary
@@ -639,9 +650,9 @@ def preannotate_chunk(
 
 
 class ModelWorker(SimpleWorker):
-    """An RQ worker for model jobs: runs each job in its own process (``SimpleWorker``: no fork
-    per job, so models loaded once stay loaded, and CUDA, which does not survive a fork, works)
-    and keeps the job's heartbeat going from a thread while it runs.
+    """An RQ worker for model jobs: runs each job in the worker's own process (``SimpleWorker``:
+    no fork per job, so models loaded once stay loaded, and CUDA, which does not survive a
+    fork, works) and keeps the job's heartbeat going from a thread while it runs.
 
     ``SimpleWorker`` alone sends one heartbeat per job, valid for the job's whole timeout plus
     60 s, so a chunk whose worker was killed would wait that long before RQ re-runs it. Here
@@ -663,7 +674,7 @@ class ModelWorker(SimpleWorker):
             beats.join()
         self.set_state(WorkerStatus.IDLE)
 
-    def _beat(self, job: Job, execution: Any, done: threading.Event) -> None:
+    def _beat(self, job: Job, execution: Execution, done: threading.Event) -> None:
         while not done.wait(self.job_monitoring_interval):
             try:
                 self.maintain_heartbeats(job, execution)

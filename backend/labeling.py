@@ -81,6 +81,20 @@ class ProjectConfig:
     outputs: tuple[OutputControl, ...]
     prompt_controls: tuple[PromptControl, ...]
     thresholds: Mapping[str, float]  # box_threshold / text_threshold from <Number> tags
+    # every output control in config order, model_skip="true" ones included: the backend
+    # never predicts into those, but exports must still read their regions
+    all_outputs: tuple[OutputControl, ...] = ()
+
+    @property
+    def skipped_outputs(self) -> tuple[OutputControl, ...]:
+        return tuple(c for c in self.all_outputs if c not in self.outputs)
+
+    def export_outputs(self) -> tuple[OutputControl, ...]:
+        return self.all_outputs or self.outputs
+
+    def export_label_values(self) -> tuple[str, ...]:
+        """Every distinct label of every output control, config order."""
+        return tuple(dict.fromkeys(label for c in self.export_outputs() for label in c.label_values()))
 
     def label_values(self) -> tuple[str, ...]:
         """Every distinct output label, in config order."""
@@ -180,7 +194,8 @@ def parse_label_config(
     image_names = {img.name for img in images}
     overrides = label_prompts or {}
 
-    outputs: list[OutputControl] = []
+    every_output: list[OutputControl] = []
+    skipped_names: set[str] = set()
     prompt_controls: list[PromptControl] = []
     thresholds: dict[str, float] = {}
     for control in interface.controls:
@@ -193,10 +208,9 @@ def parse_label_config(
             if value is not None:
                 thresholds[control.name] = value
             continue
-        if _truthy(control.attr.get("model_skip", "false")):
-            continue
+        skipped = _truthy(control.attr.get("model_skip", "false"))
         label_tags = control.labels_attrs or {}
-        if kind in PROMPT_TYPES and (_truthy(control.attr.get("smart", "false")) or kind == "textarea"):
+        if not skipped and kind in PROMPT_TYPES and (_truthy(control.attr.get("smart", "false")) or kind == "textarea"):
             prompt_controls.append(
                 PromptControl(control.name, kind, to_name, tuple(label_tags))
             )
@@ -212,7 +226,7 @@ def parse_label_config(
         )
         if not labels:
             continue
-        outputs.append(
+        every_output.append(
             OutputControl(
                 name=control.name,
                 type=kind,
@@ -223,6 +237,10 @@ def parse_label_config(
                 ),
             )
         )
+        if skipped:
+            skipped_names.add(control.name)
+
+    outputs = [c for c in every_output if c.name not in skipped_names]
 
     if not outputs:
         raise LabelConfigError(
@@ -239,6 +257,7 @@ def parse_label_config(
         image_name=image_name,
         image_value_key=value,
         outputs=tuple(c for c in outputs if c.to_name == image_name),
+        all_outputs=tuple(c for c in every_output if c.to_name == image_name),
         prompt_controls=tuple(c for c in prompt_controls if c.to_name == image_name),
         thresholds=thresholds,
     )

@@ -109,7 +109,12 @@ class LabelStudioClient:
     ) -> Iterator[dict[str, Any]]:
         """Tasks with only the ``include`` fields, page by page (Data Manager ``query`` / ``view``)."""
         pager = self._client.tasks.list(
-            project=project, view=view, include=include, query=query, page_size=self.page_size
+            project=project,
+            view=view,
+            fields="task_only",  # the SDK defaults to "all": annotations and predictions too
+            include=include,
+            query=query,
+            page_size=self.page_size,
         )
         for task in pager:
             yield task.model_dump(mode="json", exclude_none=True)

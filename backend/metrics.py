@@ -6,6 +6,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Label Studio's webhook actions (webhooks/models.py) and START_TRAINING. Any other action is
+# counted as "other": a label per client-chosen string would grow the registry without bound.
+WEBHOOK_ACTIONS = frozenset(
+    {
+        "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+        "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+        "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED",
+        "REVIEW_CREATED", "REVIEW_UPDATED", "REVIEWS_DELETED", "START_TRAINING",
+    }
+)
+
+
+def webhook_action_label(action: str) -> str:
+    """The ``action`` label of ``gsb_webhook_events_total`` for a received action."""
+    return action if action in WEBHOOK_ACTIONS else "other"
+
 
 class Metrics:
     """The counters the backend exports at ``GET /metrics``."""
@@ -25,7 +41,7 @@ class Metrics:
             "gsb_tasks", "Tasks predicted, by outcome (ok, error)", ["outcome"], registry=self.registry
         )
         self.errors = Counter(
-            "gsb_errors", "Errors by kind (image, model, config, request, internal)", ["kind"],
+            "gsb_errors", "Errors by kind (image, model, config, request, auth, internal)", ["kind"],
             registry=self.registry,
         )
         self.regions = Counter(

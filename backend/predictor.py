@@ -16,10 +16,12 @@ from typing import Any
 
 from backend.config import Settings
 from backend.embedding_cache import EmbeddingCache
+from backend.gate import ModelGate
 from backend.images import ImageLoader, ImageLoadError
 from backend.labeling import LabelConfigError, OutputControl, ProjectConfig, parse_label_config
 from backend.metrics import Metrics
-from backend.models.base import Detector, Segmenter
+from backend.models.base import ConceptSegmenter, Detector, Segmenter
+from backend.models.registry import GROUNDED_SAM, SAM3
 from backend.pipelines.everything import (
     AutoModels,
     AutoParams,
@@ -64,13 +66,16 @@ class Predictor:
     def __init__(
         self,
         settings: Settings,
-        detector: Detector,
+        detector: Detector | None,
         segmenter: Segmenter,
         cache: EmbeddingCache,
         images: ImageLoader,
         metrics: Metrics | None = None,
         auto_models: AutoModels | None = None,
+        concept_segmenter: ConceptSegmenter | None = None,
     ) -> None:
+        """``concept_segmenter`` set (the SAM 3 route) replaces ``detector`` + ``segmenter`` for
+        finding the labels' instances; ``segmenter`` still serves clicks and the point grid."""
         check_mode(settings.prediction_mode)
         self.settings = settings
         self.auto_params = AutoParams.from_settings(settings)
@@ -78,11 +83,14 @@ class Predictor:
         self.auto_models = auto_models if auto_models is not None else load_auto_models(settings)
         self.detector = detector
         self.segmenter = segmenter
+        self.concept_segmenter = concept_segmenter
+        self.pipeline = SAM3 if concept_segmenter is not None else GROUNDED_SAM
         self.cache = cache
         self.images = images
         self.metrics = metrics or Metrics()
         self._parse = functools.lru_cache(maxsize=64)(self._parse_uncached)
         self.memory = RefinementMemory()
+        self.gate = ModelGate(settings.interactive_priority_s)  # clicks first (backend/gate.py)
 
     def _parse_uncached(self, label_config: str) -> ProjectConfig:
         return parse_label_config(label_config, self.settings.label_prompts, self.settings.label_modes)
@@ -107,6 +115,20 @@ class Predictor:
 
     def model_version(self, project: ProjectConfig | None = None, mode: str | None = None) -> str:
         return model_version_for(self.settings, project, mode)
+
+    def model_ids(self) -> dict[str, str]:
+        """The loaded model of every role, for /health and /setup."""
+        ids: dict[str, str] = {}
+        if self.concept_segmenter is not None:
+            ids["concept_segmenter"] = self.concept_segmenter.model_id
+        if self.detector is not None:
+            ids["detector"] = self.detector.model_id
+        ids["segmenter"] = self.segmenter.model_id
+        if self.auto_models.classifier is not None:
+            ids["clip"] = self.auto_models.classifier.model_id
+        if self.auto_models.heatmapper is not None:
+            ids["clipseg"] = self.auto_models.heatmapper.model_id
+        return ids
 
     def encode(
         self,
@@ -151,20 +173,22 @@ class Predictor:
         task_id = task.get("id")
         try:
             loaded = self.images.load(task, project.image_value_key, creds.hostname, creds.access_token)
-            instances = predict_instances(
-                mode or self.settings.prediction_mode,
-                loaded.image,
-                loaded.sha256,
-                task,
-                project,
-                self.detector,
-                self.segmenter,
-                self.cache,
-                self.auto_models,
-                self.params(project),
-                self.auto_params,
-                version,
-            )
+            with self.gate.batch_task():
+                instances = predict_instances(
+                    mode or self.settings.prediction_mode,
+                    loaded.image,
+                    loaded.sha256,
+                    task,
+                    project,
+                    self.detector,
+                    self.segmenter,
+                    self.cache,
+                    self.auto_models,
+                    self.params(project),
+                    self.auto_params,
+                    version,
+                    self.concept_segmenter,
+                )
             regions = self.encode(project, instances, loaded.width, loaded.height)
         except ImageLoadError as exc:
             self.metrics.errors.labels(kind="image").inc()
@@ -204,16 +228,17 @@ class Predictor:
             self.metrics.errors.labels(kind="image").inc()
             return {"error": f"task {task.get('id')}: {exc}", "model_version": version}
         request = parse_context(context, project, loaded.width, loaded.height)
-        if request.text is not None:
-            instances = run_text_prompt(
-                request, loaded.image, loaded.sha256, self.detector, self.segmenter, self.cache,
-                self.params(project),
-            )
-        else:
-            instances = run_clicks(
-                request, task, loaded.image, loaded.sha256, self.segmenter, self.cache, self.memory,
-                self.settings.refine_existing,
-            )
+        with self.gate.interactive():
+            if request.text is not None:
+                instances = run_text_prompt(
+                    request, loaded.image, loaded.sha256, self.detector, self.segmenter, self.cache,
+                    self.params(project), self.concept_segmenter,
+                )
+            else:
+                instances = run_clicks(
+                    request, task, loaded.image, loaded.sha256, self.segmenter, self.cache, self.memory,
+                    self.settings.refine_existing,
+                )
         regions = self.encode(project, instances, loaded.width, loaded.height, [request.control])
         return self._item(regions, version)
 

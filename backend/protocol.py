@@ -55,7 +55,7 @@ class SetupRequest(_Lenient):
 
 
 class WebhookEvent(_Lenient):
-    action: str = Field(min_length=1)
+    action: str = Field(min_length=1, max_length=128)  # it is echoed and kept: bound it
 
 
 def project_id(project: str | int | None) -> str | None:

@@ -10,7 +10,8 @@ Formats, as the Label Studio frontend reads them:
 * brush: Label Studio's own RLE (``label_studio_sdk.converter.brush``) of the mask as an RGBA
   image flattened row-major, 4 values per pixel. The frontend (``RLE2Region``) paints every
   pixel whose alpha is non-zero, so the mask is written as 255 in all four channels, which is
-  what the SDK's ``mask2rle`` produces from a 0/255 mask.
+  what the SDK's ``mask2rle`` produces from a 0/255 mask (byte for byte, through the vectorised
+  codec in :mod:`backend.brush_rle`: the SDK's own takes longer than the SAM decoder per mask).
 * bitmask: a PNG data URL at full original size, black opaque pixels on a transparent
   background (what the ``BitmaskLabels`` tag itself exports; it tests ``alpha > 0``).
 * polygon: Label Studio polygons have no holes, so each 8-connected part becomes one region
@@ -24,15 +25,16 @@ import binascii
 import io
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as coco_mask
 
+from backend import brush_rle
 from backend.labeling import OutputControl
 
 Box = tuple[float, float, float, float]
@@ -146,7 +148,7 @@ def _rectangle_regions(
 
 def encode_brush_rle(mask: np.ndarray) -> list[int]:
     """Label Studio brush RLE of a boolean mask (RGBA, 255 in every channel where set)."""
-    return mask2rle(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+    return brush_rle.encode_mask(mask)
 
 
 def encode_bitmask_png(mask: np.ndarray) -> str:
@@ -238,29 +240,36 @@ def decode_region_mask(result: dict[str, Any]) -> np.ndarray:
     width, height = _original_size(result)
     kind = str(result.get("type", "")).lower()
     value = result.get("value") or {}
+    if not isinstance(value, Mapping):  # regions come from clients: check the shape, not trust it
+        raise ValueError(f"region {result.get('id')!r} has no value object")
     if kind in {"brushlabels", "brush"}:
         return decode_brush_rle(value.get("rle"), width, height)
     if kind in {"bitmasklabels", "bitmask"}:
         return decode_bitmask_png(value.get("imageDataURL"), width, height)
     if kind in {"polygonlabels", "polygon"}:
-        points = value.get("points")
-        if not points or len(points) < 3:
-            raise ValueError(f"polygon region {result.get('id')!r} has fewer than 3 points")
-        pixels = np.asarray(points, dtype=np.float64) * (width / 100.0, height / 100.0)
-        return _fill_polygon(pixels, width, height)
+        try:
+            points = np.asarray(value.get("points") or [], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"polygon region {result.get('id')!r}: points are not [x, y] numbers") from exc
+        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+            raise ValueError(f"polygon region {result.get('id')!r} needs at least 3 [x, y] points")
+        return _fill_polygon(points * (width / 100.0, height / 100.0), width, height)
     if kind in {"rectanglelabels", "rectangle"}:
         try:
             x, y = value["x"] * width / 100.0, value["y"] * height / 100.0
             w, h = value["width"] * width / 100.0, value["height"] * height / 100.0
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"rectangle region {result.get('id')!r} lacks x/y/width/height") from exc
+            angle = math.radians(float(value.get("rotation") or 0.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"rectangle region {result.get('id')!r} lacks numeric x/y/width/height/rotation") from exc
         # Label Studio rotates a rectangle clockwise (y points down) about its top-left corner
-        angle = math.radians(float(value.get("rotation") or 0.0))
         cos, sin = math.cos(angle), math.sin(angle)
         corners = np.array([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]])
         rotated = corners @ np.array([[cos, sin], [-sin, cos]]) + (x, y)
         return _fill_polygon(rotated, width, height)
     raise ValueError(f"cannot rasterise a region of type {result.get('type')!r}")
+
+
+MAX_VERTEX_SPAN = 4  # Label Studio's percentages stay near 0..100; 400 % is far beyond any real region
 
 
 def _fill_polygon(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -269,7 +278,14 @@ def _fill_polygon(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     pycocotools samples pixel centres, so a rectangle with corners on pixel edges fills exactly
     ``[x0, x1) x [y0, y1)`` and the result matches what COCO evaluation rasterises
     (``cv2.fillPoly`` rounds vertices and fills both boundaries, one pixel too many).
+
+    pycocotools casts vertices to C ints and walks every edge pixel by pixel, so a vertex far
+    outside the image (client data such as ``x: 1e308``) overflows and kills the process:
+    vertices must be finite and within ``MAX_VERTEX_SPAN`` image sizes of the origin.
     """
+    limit = MAX_VERTEX_SPAN * max(width, height)
+    if not np.isfinite(pixels).all() or np.abs(pixels).max(initial=0.0) > limit:
+        raise ValueError(f"polygon vertices must be finite and within {MAX_VERTEX_SPAN} image sizes of the image")
     rles = coco_mask.frPyObjects([pixels.ravel().tolist()], height, width)
     return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
 
@@ -290,7 +306,7 @@ def decode_brush_rle(rle: Any, width: int, height: int) -> np.ndarray:
             f"{width} x {height} x 4 = {expected}; the region does not belong to an image of this size"
         )
     try:
-        flat = decode_rle(data)
+        flat = brush_rle.decode(data)
     except (ValueError, IndexError) as exc:
         raise ValueError(f"brush RLE is truncated or corrupt: {exc}") from exc
     return flat.reshape(height, width, 4)[:, :, 3] > 0
@@ -305,13 +321,14 @@ def decode_bitmask_png(data_url: Any, width: int, height: int) -> np.ndarray:
         raise ValueError("bitmask data URL is not base64-encoded")
     try:
         image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        if image.size != (width, height):  # checked from the header, before decoding a possible bomb
+            raise ValueError(
+                f"bitmask image is {image.size[0]}x{image.size[1]} but the region's original size is "
+                f"{width}x{height}"
+            )
         image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
+    except (binascii.Error, UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"bitmask data URL does not hold a readable image: {exc}") from exc
-    if image.size != (width, height):
-        raise ValueError(
-            f"bitmask image is {image.size[0]}x{image.size[1]} but the region's original size is {width}x{height}"
-        )
     if image.mode in {"RGBA", "LA", "PA"} or "transparency" in image.info:
         return np.asarray(image.convert("RGBA"))[:, :, 3] > 0
     return np.asarray(image.convert("L")) > 0

@@ -184,3 +184,19 @@ def test_live_server_on_a_loopback_socket(make_client) -> None:
         assert response.json()["results"][0]["result"]
     finally:
         server.shutdown()
+
+
+def test_project_mode_from_setup_extra_params_changes_version_and_is_validated(make_client) -> None:
+    client, _ = _ready_client(make_client)
+    plain = client.post("/setup", json={"project": "4.1", "schema": CONFIG_ALL_OUTPUTS}).json["model_version"]
+    everything = client.post(
+        "/setup",
+        json={"project": "5.1", "schema": CONFIG_ALL_OUTPUTS, "extra_params": {"prediction_mode": "everything"}},
+    )
+    assert everything.status_code == 200 and everything.json["model_version"] != plain
+    item = client.post("/predict", json={**_predict_body([image_task(1, 64, 48)]), "project": "5.1"}).json
+    assert item["results"][0]["model_version"] == everything.json["model_version"]
+    bad = client.post(
+        "/setup", json={"schema": CONFIG_ALL_OUTPUTS, "extra_params": {"prediction_mode": "psychic"}}
+    )
+    assert bad.status_code == 400 and "psychic" in bad.json["detail"]

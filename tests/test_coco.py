@@ -278,6 +278,13 @@ def test_unknown_label_names_the_task() -> None:
         coco.ls_to_coco([task(7, [brush(hard_mask(), "horse")])], CONFIG)
 
 
+def test_regions_of_model_skip_controls_are_still_exported() -> None:
+    skipped = parse_label_config(CONFIG_XML.replace('name="poly"', 'name="poly" model_skip="true"'))
+    dataset = coco.ls_to_coco([task(3, [polygon([[10, 10], [60, 10], [60, 50]], 40, 30)])], skipped)
+    assert [c["name"] for c in dataset["categories"]] == list(CATEGORY)
+    assert [a["category_id"] for a in dataset["annotations"]] == [CATEGORY["tree"]]
+
+
 def test_rle_of_the_wrong_size_names_the_task() -> None:
     region = brush(hard_mask())
     region["original_width"] = 40  # the RLE was made for 41 x 23

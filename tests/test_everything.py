@@ -455,6 +455,8 @@ def test_mode_selection_changes_model_version_and_only_everything_uses_grid_sett
     assert model_version_for(Settings(non_overlapping_masks=True), project) != model_version_for(grounded, project)
     with pytest.raises(ConfigError, match="grounded, everything, grounded\\+everything"):
         model_version_for(grounded, project, "automatic")
+    from_env = Settings.from_env({"PREDICTION_MODE": "everything", "LABEL_MODES": '{"sky": "stuff"}'})
+    assert from_env.prediction_mode == "everything" and from_env.label_modes == {"sky": "stuff"}
     with pytest.raises(ConfigError, match="PREDICTION_MODE|prediction mode"):
         build_predictor(Settings(prediction_mode="all"), BoxDetector({}), ShapeSegmenter())
 

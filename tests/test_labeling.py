@@ -33,6 +33,9 @@ def test_outputs_types_labels_and_image_key() -> None:
     assert project.label_values() == ("cat", "vehicle", "red car", "dog")
     assert [c.name for c in project.prompt_controls] == ["kp", "prompt"]
     assert [c.name for c in project.mask_outputs_for("cat")] == ["tag", "poly"]
+    # model_skip: never predicted into, but still known to exports
+    assert [c.name for c in project.skipped_outputs] == ["skip"]
+    assert [c.name for c in project.export_outputs()] == ["tag", "poly", "bits", "skip"]
 
 
 def test_prompt_precedence_env_then_predicted_values_then_hint_then_value() -> None:

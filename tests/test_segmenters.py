@@ -51,7 +51,9 @@ PADDED = {"sam", "sam_hq"}  # longest-side resize + bottom/right padding; the ot
 
 
 def settings_for(model: str | Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"device": "cpu", "dtype": "float32", **overrides}
+    # batches of 16 (the CUDA default; CPU defaults to one box per call): these tests check that
+    # batched decoder calls give each prompt set its own answer
+    values: dict[str, object] = {"device": "cpu", "dtype": "float32", "segmenter_batch_size": 16, **overrides}
     return Settings(segmenter_model=str(model), **values)
 
 

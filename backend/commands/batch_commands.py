@@ -16,11 +16,14 @@ from typing import TextIO
 
 import httpx
 from label_studio_sdk.core.api_error import ApiError
+from redis.exceptions import RedisError
+from rq import Worker
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from backend import jobs
-from backend.config import Settings
+from backend.config import ConfigError, Settings
+from backend.logs import configure_logging
 from backend.ls_client import LabelStudioClient
 
 
@@ -29,10 +32,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     ``LABEL_STUDIO_API_KEY`` (the models also fetch task images with them)."""
     overrides = {"label_studio_url": args.ls_url, "label_studio_api_key": args.api_key}
     settings = Settings.from_env(**{key: value for key, value in overrides.items() if value})
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    # httpx logs every API call at INFO: thousands of lines over the progress bar.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     return settings
 
 
@@ -44,7 +46,7 @@ def _print_plan(plan: jobs.Plan, out: TextIO) -> None:
         file=out,
     )
     if plan.not_found:
-        print(f"not in project {plan.project}, ignored: task ids {plan.not_found}", file=out)
+        print(f"not in project {plan.project} (counted as failed): task ids {plan.not_found}", file=out)
 
 
 def _print_summary(summary: jobs.RunSummary, out: TextIO) -> None:
@@ -103,6 +105,10 @@ def _preannotate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("dry run: no models loaded, nothing posted", file=sys.stdout)
         return 0
+    if not plan.todo:  # nothing to do: no reason to load models
+        summary = plan.start_summary()
+        _print_summary(summary, sys.stdout)
+        return summary.exit_code
     predictor = jobs.build_predictor(settings)
     with (
         logging_redirect_tqdm(),
@@ -115,7 +121,6 @@ def _preannotate(args: argparse.Namespace) -> int:
             plan,
             batch_size=args.batch_size,
             stop=stop,
-            overwrite=args.overwrite,
             on_batch=_on_result(bar),
         )
     _print_summary(summary, sys.stdout)
@@ -128,19 +133,15 @@ def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
         chunks = -(-len(plan.todo) // args.batch_size)
         print(f"dry run: would enqueue {chunks} jobs of up to {args.batch_size} tasks on {queue.name}")
         return 0
-    attached, new = jobs.enqueue_plan(
-        queue,
-        plan,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        job_timeout_s=args.job_timeout,
-    )
+    attached, new = jobs.enqueue_plan(queue, plan, batch_size=args.batch_size, job_timeout_s=args.job_timeout)
     tasks_new = sum(len(jobs.job_task_ids(job)) for job in new)
     print(f"enqueued {len(new)} jobs ({tasks_new} tasks) on {queue.name}", file=sys.stdout)
     if attached:
-        print(f"following {len(attached)} jobs of an earlier call that are still queued or running")
+        print(f"{len(attached)} jobs of an earlier call, still queued or running, cover the other tasks")
+    if not Worker.count(queue=queue):
+        print(f"no worker listens on {queue.name} yet: start some with grounded-sam-backend worker --queue URL")
     if not args.wait:
-        print("start workers with: grounded-sam-backend worker --queue URL; follow with --wait")
+        print("follow the jobs with --wait (the same command again)")
         return 0
     followed = attached + new
     with (
@@ -148,8 +149,7 @@ def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
         jobs.stop_on_sigint(_notify_stop("no longer waiting (the workers carry on)")) as stop,
         _progress(sum(len(jobs.job_task_ids(job)) for job in followed), "preannotate (queue)") as bar,
     ):
-        summary = jobs.follow(queue, followed, stop=stop, on_result=_on_result(bar))
-    summary.skipped += plan.already_predicted
+        summary = jobs.follow(queue, followed, stop=stop, summary=plan.start_summary(), on_result=_on_result(bar))
     _print_summary(summary, sys.stdout)
     return summary.exit_code
 
@@ -161,15 +161,19 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Expected failures (bad flags, Label Studio refusing or unreachable) as one line, exit 1."""
+    """Expected failures (bad flags, Label Studio or Redis refusing or unreachable): one line, exit 1."""
 
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return run(args)
+        except ConfigError:
+            raise  # main() reports it with exit status 2
         except ValueError as exc:  # LabelConfigError and missing URL/key are ValueErrors
             message = str(exc)
         except (ApiError, httpx.HTTPError) as exc:
             message = jobs.describe_error(exc)
+        except RedisError as exc:
+            message = f"Redis: {exc}"
         print(f"grounded-sam-backend {name}: error: {message}", file=sys.stderr)
         return 1
 

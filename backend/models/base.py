@@ -184,10 +184,20 @@ class TextHeatmapSegmenter(Protocol):
 @runtime_checkable
 class ConceptSegmenter(Protocol):
     """Text prompts -> instance masks in one model (SAM 3): the route that replaces
-    detector + segmenter for pre-annotation."""
+    detector + segmenter for pre-annotation.
+
+    Split like :class:`Segmenter`: ``embed`` runs the expensive image part once and the
+    pipeline caches it by image and ``model_id``; ``segment_concepts`` is the cheap per-prompt
+    part, so every label (and a later text prompt) reuses the cached image features.
+    """
 
     model_id: str
 
+    def embed(self, image: Image.Image) -> ImageEmbedding: ...
+
     def segment_concepts(
-        self, image: Image.Image, prompts: Sequence[str], threshold: float
-    ) -> list[ConceptInstance]: ...
+        self, embedding: ImageEmbedding, prompts: Sequence[str], threshold: float, max_per_prompt: int
+    ) -> list[ConceptInstance]:
+        """Instances scoring at least ``threshold`` for each prompt, at most ``max_per_prompt``
+        (the best) per prompt, masks at the original image size."""
+        ...

@@ -63,7 +63,9 @@ class GroundingDinoDetector:
     autocast to bfloat16/float16 otherwise; see :mod:`backend.models.loading`).
     ``shortest_edge``/``longest_edge`` override the processor's resize (800/1333 for the
     released models): the forward cost grows with pixels, and at 480x640 it is about 4x
-    cheaper on CPU than at 800x1333, for some loss on small objects.
+    cheaper on CPU than at 800x1333, for some loss on small objects. ``max_size`` caps both
+    (``DETECTOR_MAX_SIZE``): the longest edge at most ``max_size``, and never a larger image
+    than the processor's own size would give.
 
     One forward per caption; all prompts share a caption while they fit the text encoder's
     ``max_text_len`` tokens. Thread-safe: tokenization and the forward run under a lock (one
@@ -77,6 +79,7 @@ class GroundingDinoDetector:
         dtype: torch.dtype = torch.float32,
         shortest_edge: int | None = None,
         longest_edge: int | None = None,
+        max_size: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.device = resolve_device(device)
@@ -98,6 +101,11 @@ class GroundingDinoDetector:
             size["shortest_edge"] = shortest_edge
         if longest_edge is not None:
             size["longest_edge"] = longest_edge
+        if max_size is not None:
+            if max_size < 1:
+                raise ValueError(f"DETECTOR_MAX_SIZE must be a positive number of pixels, got {max_size}")
+            size["longest_edge"] = min(size["longest_edge"], max_size)
+            size["shortest_edge"] = min(size["shortest_edge"], max_size)
         self.image_size = size
         self._lock = threading.Lock()
 

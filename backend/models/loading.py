@@ -146,6 +146,22 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return dtype
 
 
+def apply_torch_threads(threads: int) -> None:
+    """``TORCH_THREADS``: torch's intra-op thread count (0 leaves torch's default, one per core).
+
+    Called once where the models load. The count is process-wide for threads whose first torch
+    op comes later (the server's request threads); a thread that already ran torch ops keeps
+    the count it started with (OpenMP keeps it per thread). Fewer threads than cores pays off
+    when the backend shares its CPU: on 2 shared cores at load 4-6 one SAM decoder call took
+    0.37 s with 1 thread and 0.93 s with 2 (medians, bench/NOTES.md), as spinning OpenMP
+    threads waited for a core.
+    """
+    if threads < 0:
+        raise ConfigError(f"TORCH_THREADS={threads} must be >= 0 (0: torch's default)")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def inference_context(device: str, dtype: torch.dtype) -> Iterator[None]:
     """``torch.inference_mode`` plus autocast to ``dtype`` when it is not float32."""

@@ -17,6 +17,7 @@ model's own processor:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -140,6 +141,52 @@ def check_prompts(
         validate_prompt(prompt, embedding.image_size, low_res_size)
 
 
+def upsample_padded_logits(
+    low_res: torch.Tensor,
+    frame_size: tuple[int, int],
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> torch.Tensor:
+    """(h, w) low-res logits of a padded SAM -> (H, W) bool mask at ``original_size``: exactly
+    ``SamImageProcessor.post_process_masks`` (bilinear to the padded frame, crop to
+    ``input_size``, bilinear to the original size, logit > 0), with less work.
+
+    Only the low-res rows/columns the crop reads are upsampled: at the same scale, bilinear
+    interpolation reads the same two neighbours with the same weights for every kept pixel,
+    so the result is identical (tested) and a 4:3 image skips a quarter of the first resize.
+    The second resize is skipped when the image already has the input size (longest side
+    1024), where it is the identity.
+    """
+    low_h, low_w = low_res.shape[-2:]
+    scale_h, scale_w = frame_size[0] // low_h, frame_size[1] // low_w
+    if (scale_h * low_h, scale_w * low_w) == tuple(frame_size):
+        keep_h = min(low_h, math.ceil(input_size[0] / scale_h) + 1)
+        keep_w = min(low_w, math.ceil(input_size[1] / scale_w) + 1)
+        size = (keep_h * scale_h, keep_w * scale_w)
+    else:  # a frame that is not a whole multiple of the logits: no shortcut
+        keep_h, keep_w, size = low_h, low_w, tuple(frame_size)
+    logits = low_res[None, None, :keep_h, :keep_w].float()
+    framed = F.interpolate(logits, size, mode="bilinear", align_corners=False)[..., : input_size[0], : input_size[1]]
+    if tuple(original_size) != tuple(input_size):
+        framed = F.interpolate(framed, tuple(original_size), mode="bilinear", align_corners=False)
+    return framed[0, 0] > 0
+
+
+def resolve_batch_size(max_batch_size: int, device: str) -> int:
+    """``SEGMENTER_BATCH_SIZE``: prompt sets per decoder call, 0 choosing by device.
+
+    On CPU one per call: every prompt set gets its own copy of the 64x64x256 image embedding
+    inside the decoder, and 16 copies no longer fit the CPU caches -- 16 boxes on SAM ViT-B
+    took 1.19 s as 16 calls and 2.05 s as one call (2 cores, bench/NOTES.md). On CUDA a
+    batch fills the GPU: 16.
+    """
+    if max_batch_size < 0:
+        raise ValueError(f"SEGMENTER_BATCH_SIZE must be >= 0 (0: by device), got {max_batch_size}")
+    if max_batch_size:
+        return max_batch_size
+    return 1 if torch.device(device).type == "cpu" else 16
+
+
 T = TypeVar("T")
 
 
@@ -170,7 +217,8 @@ class SamSegmenter:
     config.json) picks the classes and is read from the config when not given. Weights stay
     float32; ``dtype`` is the compute dtype (autocast, see ``loading.inference_context``).
     ``max_batch_size`` bounds how many prompt sets share one decoder call (memory grows with
-    it: each one gets its own copy of the image embedding inside the decoder).
+    it: each one gets its own copy of the image embedding inside the decoder); 0 picks it by
+    device (:func:`resolve_batch_size`).
     """
 
     def __init__(
@@ -178,12 +226,11 @@ class SamSegmenter:
         model_id: str,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_batch_size: int = 16,
+        max_batch_size: int = 0,
         model_type: str | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         device = resolve_device(device)
+        max_batch_size = resolve_batch_size(max_batch_size, device)
         if model_type is None:
             model_type = load_pretrained(AutoConfig, model_id, what="segmenter config").model_type
         if model_type not in _FAMILIES:
@@ -248,14 +295,12 @@ class SamSegmenter:
         return self.mask_to_logits(prompt.prior_mask)
 
     def _to_original(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
-        """One (h, w) low-res logit map -> bool mask at the original size, through the
-        processor's post-processing (the geometry the model was trained against)."""
-        batch = [low_res[None, None].float()]
-        sizes = [list(embedding.image_size)]
+        """One (h, w) low-res logit map -> bool mask at the original size, with the processor's
+        post-processing geometry (the one the model was trained against)."""
         if self._family.padded:
-            upsampled = self.processor.post_process_masks(batch, sizes, [list(embedding.tensors["input_size"])])
-        else:
-            upsampled = self.processor.post_process_masks(batch, sizes)
+            input_size = tuple(embedding.tensors["input_size"])
+            return upsample_padded_logits(low_res, self._frame_size, input_size, embedding.image_size).cpu().numpy()
+        upsampled = self.processor.post_process_masks([low_res[None, None].float()], [list(embedding.image_size)])
         return upsampled[0][0, 0].cpu().numpy()
 
     # -- Segmenter ------------------------------------------------------------------------

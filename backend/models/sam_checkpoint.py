@@ -27,7 +27,13 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from backend.models.base import ImageEmbedding, MaskCandidates, MaskPrediction, PromptSet
 from backend.models.loading import ModelLoadError, inference_context, resolve_device
-from backend.models.sam import check_prompts, group_key, mask_to_low_res_logits, segment_in_groups
+from backend.models.sam import (
+    check_prompts,
+    group_key,
+    mask_to_low_res_logits,
+    resolve_batch_size,
+    segment_in_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,14 +161,12 @@ class SamCheckpointSegmenter:
         checkpoint: str,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_batch_size: int = 16,
+        max_batch_size: int = 0,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model_id = checkpoint
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = resolve_batch_size(max_batch_size, self.device)
         state_dict = read_state_dict(checkpoint)
         self.variant = encoder_shape(state_dict).variant
         self.model: Sam = build_sam(state_dict, checkpoint).to(self.device)

@@ -67,6 +67,7 @@ from backend.labeling import MASK_TYPES, ProjectConfig
 from backend.models.base import (
     Box,
     CandidateSegmenter,
+    ConceptSegmenter,
     Detector,
     MaskCandidates,
     PromptSet,
@@ -77,7 +78,13 @@ from backend.models.base import (
 from backend.models.clip_classifier import ClipClassifier
 from backend.models.clipseg import ClipSegHeatmaps
 from backend.models.loading import resolve_device, resolve_dtype
-from backend.pipelines.preannotate import PhraseTable, PreannotateParams, preannotate, select_detections
+from backend.pipelines.preannotate import (
+    PhraseTable,
+    PreannotateParams,
+    find_instances,
+    preannotate_concepts,
+    select_detections,
+)
 from backend.regions import Instance, decode_region_mask, remove_small_regions
 
 log = logging.getLogger(__name__)
@@ -434,7 +441,7 @@ def mask_crop(image: Image.Image, mask: np.ndarray, box: Box) -> Image.Image:
     """The mask's bounding box of ``image``, pixels outside the mask grey: CLIP then judges
     the object, not its surroundings."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    pixels = np.array(image.convert("RGB").crop((x0, y0, x1, y1)))
+    pixels = np.array(image.crop((x0, y0, x1, y1)).convert("RGB"))
     pixels[~mask[y0:y1, x0:x1]] = _GREY
     return Image.fromarray(pixels)
 
@@ -478,10 +485,17 @@ def label_masks(
     """Instances for the masks a label claims (detector agreement, then CLIP, then the
     catch-all label); score = predicted IoU (clipped to [0, 1]) x the label's confidence."""
     labels = label_by_boxes([m.box for m in masks], detections, params.label_match_iou)
+    decoded: dict[int, np.ndarray] = {}  # RLE -> mask once, and only for masks that need it
+
+    def mask_of(index: int) -> np.ndarray:
+        if index not in decoded:
+            decoded[index] = masks[index].mask
+        return decoded[index]
+
     if classifier is not None:
+        rgb = image.convert("RGB")
         open_rows = [i for i, found in enumerate(labels) if found is None]
-        decoded = {i: masks[i].mask for i in open_rows}
-        crops = [mask_crop(image, decoded[i], masks[i].box) for i in open_rows]
+        crops = [mask_crop(rgb, mask_of(i), masks[i].box) for i in open_rows]
         for i, found in zip(
             open_rows, label_by_clip(crops, prompts_by_label, classifier, params.clip_threshold), strict=True
         ):
@@ -493,12 +507,12 @@ def label_masks(
             params.unlabeled_label,
         )
     instances: list[Instance] = []
-    for auto, found in zip(masks, labels, strict=True):
+    for index, (auto, found) in enumerate(zip(masks, labels, strict=True)):
         quality = float(min(max(auto.predicted_iou, 0.0), 1.0))
         if found is not None:
-            instances.append(Instance(found[0], quality * found[1], auto.box, auto.mask))
+            instances.append(Instance(found[0], quality * found[1], auto.box, mask_of(index)))
         elif fallback:
-            instances.append(Instance(fallback, quality, auto.box, auto.mask))
+            instances.append(Instance(fallback, quality, auto.box, mask_of(index)))
     return instances
 
 
@@ -645,11 +659,19 @@ def make_non_overlapping(instances: Sequence[Instance], stuff_labels: frozenset[
 
 def _detections(
     image: Image.Image,
+    image_sha256: str,
     prompts_by_label: Mapping[str, Sequence[str]],
-    detector: Detector,
+    detector: Detector | None,
+    cache: EmbeddingCache,
     params: PreannotateParams,
+    concept: ConceptSegmenter | None,
 ) -> list[tuple[Box, float, str]]:
-    """The detector's selected boxes for the labels, as pre-annotation selects them."""
+    """The detector's selected boxes for the labels, as pre-annotation selects them; on the
+    SAM 3 route the concept model's instances (no detector is loaded there)."""
+    if concept is not None:
+        found = preannotate_concepts(image, image_sha256, prompts_by_label, concept, cache, params)
+        return [(inst.box, inst.score, inst.label) for inst in found]
+    assert detector is not None  # the grounded route always loads one
     table = PhraseTable.from_labels(prompts_by_label)
     if not table.phrases:
         return []
@@ -664,15 +686,17 @@ def predict_instances(
     image_sha256: str,
     task: Mapping[str, Any],
     project: ProjectConfig,
-    detector: Detector,
+    detector: Detector | None,
     segmenter: Segmenter,
     cache: EmbeddingCache,
     models: AutoModels,
     pre_params: PreannotateParams,
     params: AutoParams,
     own_version: str,
+    concept: ConceptSegmenter | None = None,
 ) -> list[Instance]:
-    """All instances of one image under ``mode`` (see the module docstring for the rules)."""
+    """All instances of one image under ``mode`` (see the module docstring for the rules);
+    ``concept`` (the SAM 3 route) takes the detector's place for the labels' instances."""
     mode = check_mode(mode)
     prompts = project.prompts_by_label()
     stuff = project.stuff_labels() if models.heatmapper is not None else frozenset()
@@ -690,12 +714,16 @@ def predict_instances(
             cache,
         )
     if mode != "everything" and things:
-        instances += preannotate(image, image_sha256, things, detector, segmenter, cache, pre_params)
+        instances += find_instances(image, image_sha256, things, detector, segmenter, cache, pre_params, concept)
     if mode != "grounded":
         automatic = generate_masks(image, image_sha256, segmenter, cache, params.everything)
         # in grounded+everything the grounded masks already carry the detector's labels, and
         # the automatic masks they cover are dropped below: detecting again would add nothing
-        detections = _detections(image, things, detector, pre_params) if mode == "everything" else []
+        detections = (
+            _detections(image, image_sha256, things, detector, cache, pre_params, concept)
+            if mode == "everything"
+            else []
+        )
         labelled = label_masks(image, automatic, things, detections, models.classifier, params, project.label_values())
         covering = [inst.mask for inst in instances if inst.mask is not None]
         if params.skip_existing_masks:

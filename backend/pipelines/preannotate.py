@@ -11,13 +11,18 @@ Order of work per image, chosen so each model runs once:
 
 Region score = detector score x the segmenter's predicted IoU (clipped to [0, 1]): a box
 the detector is sure of but whose mask SAM doubts ranks below one both agree on.
+
+The SAM 3 route (:func:`preannotate_concepts`) replaces steps 1 and 3 with one concept
+model: its image features come from the cache, one pass per phrase returns masks, boxes and
+scores (detection x presence), and steps 2 and 4 are the same code with the same settings, so
+both routes threshold, deduplicate and clean up alike.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,7 +30,7 @@ from PIL import Image
 from torchvision.ops import batched_nms, box_iou
 
 from backend.embedding_cache import EmbeddingCache, cache_key
-from backend.models.base import Detection, Detector, PromptSet, Segmenter
+from backend.models.base import ConceptSegmenter, Detection, Detector, PromptSet, Segmenter
 from backend.regions import Instance, remove_small_regions
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,12 @@ class PhraseTable:
 
 def _threshold_for(label: str, params: PreannotateParams) -> float:
     return float(params.label_thresholds.get(label, params.box_threshold))
+
+
+def lowest_threshold(params: PreannotateParams) -> float:
+    """The score a model is asked to report down to: the lowest of the default and the
+    per-label thresholds (each label's own is applied afterwards by :func:`select_detections`)."""
+    return min([params.box_threshold, *params.label_thresholds.values()])
 
 
 def select_detections(
@@ -148,7 +159,7 @@ def preannotate(
     table = PhraseTable.from_labels(prompts_by_label)
     if not table.phrases:
         return []
-    lowest = min([params.box_threshold, *params.label_thresholds.values()])
+    lowest = lowest_threshold(params)
     with_stats = getattr(detector, "detect_with_stats", None)
     if with_stats is not None:
         detections, stats = with_stats(image, table.phrases, lowest, params.text_threshold)
@@ -165,13 +176,70 @@ def preannotate(
         cache_key(image_sha256, segmenter.model_id), lambda: segmenter.embed(image)
     )
     predictions = segmenter.segment(embedding, [PromptSet(box=det.box) for det, _ in selected])
-    instances: list[Instance] = []
-    for (det, label), pred in zip(selected, predictions, strict=True):
-        mask = pred.mask
-        if params.min_region_area > 0:
+    return finish_instances(
+        (
+            Instance(label=label, score=det.score * float(min(max(pred.score, 0.0), 1.0)), box=det.box, mask=pred.mask)
+            for (det, label), pred in zip(selected, predictions, strict=True)
+        ),
+        params,
+    )
+
+
+def preannotate_concepts(
+    image: Image.Image,
+    image_sha256: str,
+    prompts_by_label: Mapping[str, Sequence[str]],
+    concept: ConceptSegmenter,
+    cache: EmbeddingCache,
+    params: PreannotateParams,
+) -> list[Instance]:
+    """The SAM 3 route of :func:`preannotate`: one concept pass per phrase on image features
+    computed once per image (the cache entry is shared with later text prompts and with SAM 3's
+    click tracker), each instance stored under its phrase's label.
+
+    SAM 3's score (detection x presence) takes the place of the detector score in the per-label
+    thresholds, NMS and cross-label deduplication of :func:`select_detections`.
+    """
+    table = PhraseTable.from_labels(prompts_by_label)
+    if not table.phrases:
+        return []
+    embedding = cache.get_or_compute(cache_key(image_sha256, concept.model_id), lambda: concept.embed(image))
+    found = concept.segment_concepts(embedding, table.phrases, lowest_threshold(params), params.max_detections)
+    masks = {Detection(inst.box, inst.score, inst.prompt_index): inst.mask for inst in found}
+    selected = select_detections(list(masks), table, params)
+    return finish_instances(
+        (Instance(label=label, score=det.score, box=det.box, mask=masks[det]) for det, label in selected), params
+    )
+
+
+def find_instances(
+    image: Image.Image,
+    image_sha256: str,
+    prompts_by_label: Mapping[str, Sequence[str]],
+    detector: Detector | None,
+    segmenter: Segmenter,
+    cache: EmbeddingCache,
+    params: PreannotateParams,
+    concept: ConceptSegmenter | None = None,
+) -> list[Instance]:
+    """The labels' instances on the configured route: the concept segmenter's when there is
+    one (``PIPELINE=sam3``), else the detector's boxes segmented by ``segmenter``."""
+    if concept is not None:
+        return preannotate_concepts(image, image_sha256, prompts_by_label, concept, cache, params)
+    if detector is None:
+        raise ValueError("the grounded route needs a detector (none was loaded)")
+    return preannotate(image, image_sha256, prompts_by_label, detector, segmenter, cache, params)
+
+
+def finish_instances(instances: Iterable[Instance], params: PreannotateParams) -> list[Instance]:
+    """What every route does once it has masks: islands and holes below ``min_region_area``
+    removed, masks left empty dropped, then mask-IoU suppression across labels."""
+    kept: list[Instance] = []
+    for instance in instances:
+        mask = instance.mask
+        if mask is not None and params.min_region_area > 0:
             mask = remove_small_regions(mask, params.min_region_area)
-        if not mask.any():
+        if mask is not None and not mask.any():
             continue
-        quality = float(min(max(pred.score, 0.0), 1.0))
-        instances.append(Instance(label=label, score=det.score * quality, box=det.box, mask=mask))
-    return suppress_overlapping_masks(instances, params.mask_nms_iou)
+        kept.append(replace(instance, mask=mask))
+    return suppress_overlapping_masks(kept, params.mask_nms_iou)

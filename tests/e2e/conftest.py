@@ -25,7 +25,9 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         pytest.skip(reason)
     executable = ensure_label_studio(default_venv_path())
     with LabelStudioServer(executable, tmp_path_factory.mktemp("label-studio")) as server:
-        yield LabelStudio(server.url, server.token, LSApi(server.url, server.token))
+        yield LabelStudio(
+            server.url, server.token, LSApi(server.url, server.token), server.username, server.password
+        )
 
 
 @pytest.fixture(scope="session")

@@ -423,8 +423,11 @@ class LSApi:
 
 
 class LabelStudio(NamedTuple):
-    """What tests get from the ``label_studio`` fixture: where it runs, the token, a client."""
+    """What tests get from the ``label_studio`` fixture: where it runs, the token, a client, and
+    the first user's login for browser tests."""
 
     url: str
     token: str
     api: LSApi
+    username: str
+    password: str

@@ -1,0 +1,407 @@
+"""The SAM 3 route on tiny random SAM 3 checkpoints written in the hub layout.
+
+Random SAM 3 scores sit near 0.25 (detection ~0.5 x presence ~0.5), under the 0.3 default, so
+every test that wants instances sets its threshold to 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3TrackerProcessor
+
+from backend.app import create_app
+from backend.config import ConfigError, Settings
+from backend.embedding_cache import EmbeddingCache, cache_key
+from backend.images import pixel_sha256
+from backend.labeling import parse_label_config
+from backend.models.base import ConceptInstance, ConceptSegmenter, ImageEmbedding, PromptSet
+from backend.models.loading import ModelLoadError
+from backend.models.registry import load_models, resolve_pipeline
+from backend.models.sam import SamSegmenter
+from backend.models.sam3 import Sam3ConceptSegmenter, Sam3SharedTrackerSegmenter
+from backend.pipelines.everything import AutoModels, AutoParams, EverythingParams, predict_instances
+from backend.pipelines.preannotate import PhraseTable, PreannotateParams, preannotate_concepts
+from backend.regions import decode_region_mask
+from tests.conftest import image_task
+from tests.tiny_models import build_tiny_grounding_dino
+from tests.tiny_sam3_models import build_tiny_sam3, build_tiny_sam3_image
+from tests.tiny_sam_models import build_tiny_sam
+
+HEIGHT, WIDTH = 64, 96
+ANY_SCORE = PreannotateParams(box_threshold=0.0, nms_iou=1.0, cross_label_iou=1.0, max_detections=1000)
+
+
+@pytest.fixture(scope="module")
+def sam3_dir(tmp_path_factory) -> Path:
+    return build_tiny_sam3(tmp_path_factory.mktemp("sam3") / "hub")
+
+
+@pytest.fixture(scope="module")
+def concept(sam3_dir) -> Sam3ConceptSegmenter:
+    return Sam3ConceptSegmenter(str(sam3_dir))
+
+
+@pytest.fixture
+def image() -> Image.Image:
+    rng = np.random.default_rng(7)
+    return Image.fromarray(rng.integers(0, 255, size=(HEIGHT, WIDTH, 3), dtype=np.uint8))
+
+
+@contextlib.contextmanager
+def counting_calls(module: torch.nn.Module) -> Iterator[list[int]]:
+    """``[n]``: how many times ``module`` ran inside the block."""
+    calls = [0]
+    handle = module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+class _Recording:
+    """A concept segmenter that records the prompts it is asked for and what it found."""
+
+    def __init__(self, inner: Sam3ConceptSegmenter) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.prompts: list[tuple[str, ...]] = []
+        self.found: list[ConceptInstance] = []
+
+    def embed(self, image: Image.Image) -> ImageEmbedding:
+        return self.inner.embed(image)
+
+    def segment_concepts(self, embedding, prompts, threshold, max_per_prompt):
+        self.prompts.append(tuple(prompts))
+        found = self.inner.segment_concepts(embedding, prompts, threshold, max_per_prompt)
+        self.found += found
+        return found
+
+
+# ------------------------------------------------------------------------------- concept model
+
+
+def test_loads_the_image_classes_from_the_hub_video_layout(sam3_dir, concept) -> None:
+    assert json.loads((sam3_dir / "config.json").read_text())["model_type"] == "sam3_video"
+    assert isinstance(concept.model, Sam3Model)
+    assert isinstance(concept, ConceptSegmenter)
+
+
+def test_per_label_passes_on_the_cached_backbone_equal_a_whole_forward_per_label(sam3_dir, concept, image) -> None:
+    with counting_calls(concept.model.vision_encoder.backbone) as vit_runs:
+        embedding = concept.embed(image)
+        found = concept.segment_concepts(embedding, ["cat", "red car"], threshold=0.0, max_per_prompt=100)
+    assert vit_runs[0] == 1  # once for the image, not once per label
+
+    reference = Sam3Model.from_pretrained(sam3_dir).eval()
+    processor = Sam3Processor.from_pretrained(sam3_dir)
+    clip = torch.tensor([WIDTH, HEIGHT, WIDTH, HEIGHT], dtype=torch.float32)
+    for index, prompt in enumerate(["cat", "red car"]):
+        with torch.inference_mode():
+            output = reference(**processor(images=image, text=prompt, return_tensors="pt"))
+        post = processor.post_process_instance_segmentation(output, threshold=0.0, target_sizes=[(HEIGHT, WIDTH)])
+        expected = post[0]
+        order = expected["scores"].argsort(descending=True)
+        ours = [inst for inst in found if inst.prompt_index == index]
+        assert len(ours) == len(order) == 20  # every query of the tiny model scores >= 0
+        for inst, query in zip(ours, order.tolist(), strict=True):
+            assert inst.score == pytest.approx(float(expected["scores"][query]), abs=1e-5)
+            box = expected["boxes"][query].clamp(min=torch.zeros(4), max=clip)
+            np.testing.assert_allclose(inst.box, box.numpy(), atol=1e-3)
+            reference_mask = expected["masks"][query].numpy().astype(bool)
+            assert inst.mask.dtype == bool and inst.mask.shape == (HEIGHT, WIDTH)
+            assert (inst.mask != reference_mask).mean() < 0.001
+
+
+def test_threshold_and_per_prompt_cap_keep_the_best(concept, image) -> None:
+    embedding = concept.embed(image)
+    everything = concept.segment_concepts(embedding, ["cat"], threshold=0.0, max_per_prompt=100)
+    scores = sorted((inst.score for inst in everything), reverse=True)
+    capped = concept.segment_concepts(embedding, ["cat"], threshold=0.0, max_per_prompt=3)
+    assert [inst.score for inst in capped] == pytest.approx(scores[:3])
+    cut = scores[5]
+    above = concept.segment_concepts(embedding, ["cat"], threshold=cut, max_per_prompt=100)
+    assert len(above) == 6 and min(inst.score for inst in above) >= cut
+
+
+def test_text_features_are_computed_once_per_prompt(sam3_dir, image) -> None:
+    fresh = Sam3ConceptSegmenter(str(sam3_dir))
+    embedding = fresh.embed(image)
+    with counting_calls(fresh.model.text_encoder) as text_runs:
+        fresh.segment_concepts(embedding, ["cat", "dog"], 0.0, 5)
+        fresh.segment_concepts(embedding, ["dog", "cat"], 0.0, 5)
+    assert text_runs[0] == 2
+
+
+def test_embedding_from_another_model_is_refused(concept, image) -> None:
+    alien = ImageEmbedding(model_id="other", image_size=(HEIGHT, WIDTH), tensors=concept.embed(image).tensors)
+    with pytest.raises(ValueError, match="other"):
+        concept.segment_concepts(alien, ["cat"], 0.0, 5)
+
+
+# ------------------------------------------------------------------------------- label mapping
+
+
+def test_labels_map_exactly_one_pass_per_phrase_synonyms_under_their_label(concept, image) -> None:
+    config = """
+    <View>
+      <Image name="image" value="$image"/>
+      <BrushLabels name="brush" toName="image">
+        <Label value="cat" hint="cat. kitty"/>
+        <Label value="vehicle" predicted_values="car,bicycle"/>
+        <Label value="red car"/>
+        <Label value="auto"/>
+      </BrushLabels>
+    </View>
+    """
+    # LABEL_PROMPTS gives "auto" a phrase that "red car" already sends: sent once, first label keeps it
+    project = parse_label_config(config, {"auto": ["red car", "automobile"]})
+    prompts = project.prompts_by_label()
+    spy = _Recording(concept)
+    instances = preannotate_concepts(image, "sha-1", prompts, spy, EmbeddingCache(1 << 30), ANY_SCORE)
+
+    assert spy.prompts == [("cat", "kitty", "car", "bicycle", "red car", "automobile")]
+    table = PhraseTable.from_labels(prompts)
+    assert table.labels == ("cat", "cat", "vehicle", "vehicle", "red car", "auto")
+    label_of = {(inst.box, inst.score): table.labels[inst.prompt_index] for inst in spy.found}
+    assert len(instances) == len(spy.found) == 6 * 20
+    for instance in instances:
+        assert instance.label == label_of[(instance.box, instance.score)]
+    assert {inst.label for inst in instances} == {"cat", "vehicle", "red car", "auto"}
+
+
+def test_shared_thresholds_and_cleanup_apply_to_the_concept_route(concept, image) -> None:
+    cache = EmbeddingCache(1 << 30)
+    everything = preannotate_concepts(image, "sha-2", {"cat": ("cat",)}, concept, cache, ANY_SCORE)
+    scores = sorted((inst.score for inst in everything), reverse=True)
+    strict = PreannotateParams(box_threshold=0.0, label_thresholds={"cat": scores[2]}, nms_iou=1.0, cross_label_iou=1.0)
+    assert len(preannotate_concepts(image, "sha-2", {"cat": ("cat",)}, concept, cache, strict)) == 3
+    capped = PreannotateParams(box_threshold=0.0, nms_iou=1.0, cross_label_iou=1.0, max_detections=4)
+    assert len(preannotate_concepts(image, "sha-2", {"cat": ("cat",)}, concept, cache, capped)) == 4
+    deduplicated = PreannotateParams(box_threshold=0.0, nms_iou=1.0, cross_label_iou=1.0, mask_nms_iou=0.3)
+    kept = preannotate_concepts(image, "sha-2", {"cat": ("cat",)}, concept, cache, deduplicated)
+    assert 0 < len(kept) < len(everything)
+    assert cache.computes == 1  # one backbone run for all four calls
+
+
+# ------------------------------------------------------------------------------- shared tracker
+
+
+def test_tracker_on_shared_features_equals_its_own_forward(sam3_dir, concept, image) -> None:
+    cache = EmbeddingCache(1 << 30)
+    tracker = Sam3SharedTrackerSegmenter(str(sam3_dir), concept, cache)
+    assert tracker.model.vision_encoder.backbone is concept.model.vision_encoder.backbone
+
+    own = Sam3TrackerModel.from_pretrained(sam3_dir).eval()
+    processor = Sam3TrackerProcessor.from_pretrained(sam3_dir)
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        expected = own.get_image_embeddings(pixel_values)
+    embedding = tracker.embed(image)
+    for ours, theirs in zip(embedding.tensors["image_embeddings"], expected, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+    click = (40.0, 30.0)
+    prediction = tracker.segment(embedding, [PromptSet(points=[click], point_labels=[1])])[0]
+    inputs = processor(images=image, input_points=[[[list(click)]]], input_labels=[[[1]]], return_tensors="pt")
+    with torch.inference_mode():
+        output = own(**inputs, multimask_output=False)
+    reference = processor.post_process_masks(output.pred_masks, inputs["original_sizes"])[0][0, 0].numpy()
+    assert prediction.mask.any()
+    assert (prediction.mask != reference).mean() < 0.001
+    assert prediction.score == pytest.approx(float(output.iou_scores[0, 0, 0]), abs=1e-5)
+
+
+def test_a_preannotated_image_is_warm_for_clicks(sam3_dir, concept, image) -> None:
+    cache = EmbeddingCache(1 << 30)
+    tracker = Sam3SharedTrackerSegmenter(str(sam3_dir), concept, cache)
+    sha = pixel_sha256(image)
+    with counting_calls(concept.model.vision_encoder.backbone) as vit_runs:
+        preannotate_concepts(image, sha, {"cat": ("cat",)}, concept, cache, ANY_SCORE)
+        embedding = cache.get_or_compute(cache_key(sha, tracker.model_id), lambda: tracker.embed(image))
+        tracker.segment(embedding, [PromptSet(points=[(10.0, 10.0)], point_labels=[1])])
+    assert vit_runs[0] == 1
+    assert tracker.model_id != concept.model_id  # two cache entries, one per kind of features
+
+
+def test_tracker_refuses_a_concept_model_that_preprocesses_differently(sam3_dir, concept, tmp_path) -> None:
+    other = Path(shutil.copytree(sam3_dir, tmp_path / "other"))
+    config = json.loads((other / "processor_config.json").read_text())
+    config["image_processor"]["image_mean"] = [0.4, 0.4, 0.4]
+    (other / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="image_mean"):
+        Sam3SharedTrackerSegmenter(str(other), concept, EmbeddingCache(1 << 20))
+
+
+def test_everything_mode_labels_automatic_masks_by_sam3_instances_without_a_detector(sam3_dir, concept, image) -> None:
+    tracker = Sam3SharedTrackerSegmenter(str(sam3_dir), concept, EmbeddingCache(1 << 30))
+    spy = _Recording(concept)
+    config = '<View><Image name="image" value="$image"/><BrushLabels name="b" toName="image">'
+    config += '<Label value="cat"/><Label value="dog"/></BrushLabels></View>'
+    grid = EverythingParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    instances = predict_instances(
+        "everything",
+        image,
+        pixel_sha256(image),
+        {},
+        parse_label_config(config),
+        None,
+        tracker,
+        tracker.cache,
+        AutoModels(),
+        ANY_SCORE,
+        AutoParams(everything=grid, label_match_iou=0.0),
+        "v1",
+        spy,
+    )
+    assert spy.prompts == [("cat", "dog")]
+    assert instances and {inst.label for inst in instances} <= {"cat", "dog"}
+    assert all(inst.mask is not None and inst.mask.shape == (HEIGHT, WIDTH) for inst in instances)
+
+
+# ------------------------------------------------------------------------------- route selection
+
+
+def test_pipeline_is_detected_from_the_segmenter_checkpoint(sam3_dir, tmp_path) -> None:
+    sam_dir = build_tiny_sam(tmp_path / "sam")
+    assert resolve_pipeline(Settings(segmenter_model=str(sam3_dir))) == "sam3"
+    assert resolve_pipeline(Settings(segmenter_model=str(sam_dir))) == "grounded-sam"
+    assert resolve_pipeline(Settings(segmenter_model=str(sam3_dir), pipeline="grounded-sam")) == "grounded-sam"
+    assert resolve_pipeline(Settings(segmenter_model="/weights/sam_vit_b.pth")) == "grounded-sam"
+    with pytest.raises(ConfigError, match="PIPELINE"):
+        resolve_pipeline(Settings(pipeline="yolo"))
+    with pytest.raises(ModelLoadError, match="SAM 3 checkpoint"):
+        load_models(Settings(segmenter_model=str(sam_dir), pipeline="sam3", device="cpu"), EmbeddingCache(0))
+
+
+def test_sam3_route_refuses_a_detector_only_checkpoint_and_a_missing_cache(sam3_dir, tmp_path) -> None:
+    image_only = build_tiny_sam3_image(tmp_path / "sam3-image")
+    with pytest.raises(ModelLoadError, match="tracker"):
+        load_models(Settings(segmenter_model=str(image_only), device="cpu"), EmbeddingCache(0))
+    with pytest.raises(ValueError, match="cache"):
+        load_models(Settings(segmenter_model=str(sam3_dir), device="cpu"))
+
+
+def test_grounded_route_keeps_sam3_tracker_as_click_segmenter(sam3_dir, tmp_path) -> None:
+    detector_dir = build_tiny_grounding_dino(tmp_path / "gdino")
+    settings = Settings(
+        pipeline="grounded-sam", detector_model=str(detector_dir), segmenter_model=str(sam3_dir), device="cpu"
+    )
+    bundle = load_models(settings, EmbeddingCache(0))
+    assert bundle.pipeline == "grounded-sam" and bundle.concept_segmenter is None
+    assert type(bundle.segmenter) is SamSegmenter and isinstance(bundle.segmenter.model, Sam3TrackerModel)
+
+
+def test_model_version_follows_the_pipeline_setting() -> None:
+    assert Settings(pipeline="sam3").model_version() != Settings(pipeline="grounded-sam").model_version()
+
+
+# ------------------------------------------------------------------------------- whole app
+
+CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="brush" toName="image"><Label value="cat"/><Label value="red car"/></BrushLabels>
+  <BitmaskLabels name="bits" toName="image"><Label value="cat"/><Label value="red car"/></BitmaskLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="red car"/></PolygonLabels>
+  <RectangleLabels name="rect" toName="image"><Label value="cat"/><Label value="red car"/></RectangleLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
+  <TextArea name="prompt" toName="image"/>
+</View>
+"""
+
+
+@pytest.fixture(scope="module")
+def app(sam3_dir):
+    settings = Settings.from_env(
+        {
+            # the route is detected from the checkpoint; the detector setting is never read
+            "DETECTOR_MODEL": "/nonexistent/detector",
+            "SEGMENTER_MODEL": str(sam3_dir),
+            "DEVICE": "cpu",
+            "DTYPE": "float32",
+            "BOX_THRESHOLD": "0",
+            "MAX_DETECTIONS": "4",
+            "MODEL_WAIT_S": "120",
+        }
+    )
+    app = create_app(settings)
+    client = app.test_client()
+    deadline = time.time() + 120
+    while client.get("/health").json["model_state"] == "loading" and time.time() < deadline:
+        time.sleep(0.1)
+    assert client.get("/health").json["model_state"] == "ready", client.get("/health").json
+    return app
+
+
+def test_health_and_setup_name_the_route_and_every_model(app, sam3_dir) -> None:
+    client = app.test_client()
+    health = client.get("/health").json
+    assert health["pipeline"] == "sam3"
+    assert health["models"] == {"concept_segmenter": str(sam3_dir), "segmenter": f"{sam3_dir}#tracker"}
+    setup = client.post("/setup", json={"schema": CONFIG, "project": "3.1"}).json
+    assert setup["pipeline"] == "sam3" and setup["models"] == health["models"]
+
+
+def test_predict_on_the_sam3_route_returns_every_region_type(app) -> None:
+    client = app.test_client()
+    response = client.post(
+        "/predict", json={"tasks": [image_task(1, WIDTH, HEIGHT)], "label_config": CONFIG, "project": "3.1"}
+    )
+    assert response.status_code == 200, response.json
+    item = response.json["results"][0]
+    regions = item["result"]
+    assert "error" not in item
+    assert {r["type"] for r in regions} == {"brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels"}
+    assert 1 <= len([r for r in regions if r["type"] == "rectanglelabels"]) <= 4  # NMS and MAX_DETECTIONS
+    for region in regions:
+        assert region["value"][region["type"]][0] in {"cat", "red car"}
+        assert 0.0 <= region["score"] <= 1.0
+        if region["type"] in ("brushlabels", "bitmasklabels"):
+            mask = decode_region_mask(region)
+            assert mask.shape == (HEIGHT, WIDTH) and mask.any()
+    setup = client.post("/setup", json={"schema": CONFIG, "project": "3.1"}).json
+    assert item["model_version"] == setup["model_version"]
+
+
+def test_click_after_preannotation_reuses_the_backbone(app) -> None:
+    client = app.test_client()
+    predictor = app.extensions["backend_state"].runtime.get(0)
+    task = image_task(5, WIDTH, HEIGHT)
+    client.post("/predict", json={"tasks": [task], "label_config": CONFIG, "project": "3.1"})
+    click = {
+        "type": "keypointlabels",
+        "from_name": "kp",
+        "to_name": "image",
+        "original_width": WIDTH,
+        "original_height": HEIGHT,
+        "image_rotation": 0,
+        "is_positive": True,
+        "value": {"x": 50.0, "y": 50.0, "width": 0.5, "keypointlabels": ["cat"]},
+    }
+    text = {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["red car"]}}
+    contexts = ([click], [text, {**click, "value": {**click["value"], "keypointlabels": ["red car"]}}])
+    with counting_calls(predictor.concept_segmenter.model.vision_encoder.backbone) as vit_runs:
+        for context in contexts:
+            body = {
+                "tasks": [task],
+                "label_config": CONFIG,
+                "project": "3.1",
+                "params": {"context": {"result": context}},
+            }
+            response = client.post("/predict", json=body)
+            assert response.status_code == 200, response.json
+            regions = response.json["results"][0]["result"]
+            assert regions and all(r["from_name"] == "brush" for r in regions)
+            assert all(decode_region_mask(r).shape == (HEIGHT, WIDTH) for r in regions)
+    assert regions[0]["value"]["brushlabels"] == ["red car"]
+    assert vit_runs[0] == 0  # the click and the text prompt both ran on the cached ViT output
