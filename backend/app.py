@@ -21,6 +21,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend.config import ConfigError, Settings
+from backend.deferred import BatchContext, DeferredPredictions, predict_within_budget
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.logs import install_request_context
 from backend.metrics import CONTENT_TYPE, Metrics, webhook_action_label
@@ -114,6 +115,7 @@ class BackendState:
         self.settings = settings
         self.metrics = Metrics()
         self.runtime: ModelRuntime[Predictor] = ModelRuntime(lambda: factory(settings, self.metrics))
+        self.deferred = DeferredPredictions.from_settings(settings, self.metrics)  # /predict's overflow
         self._lock = threading.Lock()
         self.setups: OrderedDict[str, ProjectSetup] = OrderedDict()
         self.webhook_events: deque[dict[str, Any]] = deque(maxlen=100)
@@ -264,12 +266,16 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
         creds = project_setup.credentials
         context = body.context
         try:
-            if context and context.get("result"):
+            if context and (context.get("result") or context.get("event") == "prewarm"):
                 if len(tasks) != 1:
                     raise ApiError(400, f"an interactive request must hold exactly one task, got {len(tasks)}")
-                results = [predictor.predict_interactive(tasks[0], context, label_config, creds)]
+                results = [
+                    predictor.predict_interactive(tasks[0], context, label_config, creds, project_id(body.project))
+                ]
             else:
-                results = predictor.predict_tasks(tasks, label_config, creds, project_setup.mode)
+                project = project_id(body.project)
+                batch = BatchContext.create(predictor, label_config, creds, project_setup.mode, project)
+                results = predict_within_budget(batch, tasks, state.deferred, settings.predict_time_budget_s, g.started)
         except LabelConfigError as exc:
             raise ApiError(400, f"unsupported label config: {exc}", kind="config") from exc
         except InteractiveError as exc:

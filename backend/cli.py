@@ -22,6 +22,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
 
     from backend.app import create_app
+    from backend.jobs import load_predictor_factory
+
+    factory = load_predictor_factory()  # GSB_PREDICTOR_FACTORY, checked before gunicorn starts
 
     class _Server(BaseApplication):
         """Gunicorn with our app object: models load in each worker after fork (not preloaded),
@@ -37,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("accesslog", "-")
 
         def load(self):  # noqa: ANN202 - gunicorn's signature
-            return create_app(settings)
+            return create_app(settings, factory)
 
     _Server().run()
     return 0

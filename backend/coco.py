@@ -477,6 +477,11 @@ def ls_to_coco_results(
     """
     if not tasks:
         raise CocoError("the input holds no tasks: the project is empty")
+    if any(not isinstance(p, Mapping) for t in tasks for p in t.get("predictions") or []):
+        raise CocoError(
+            "the input lists predictions by id only (Label Studio's JSON export does so): read them "
+            "from the live project instead (--project with --ls-url and --api-key)"
+        )
     versions = sorted(
         {str(p.get("model_version")) for t in tasks for p in t.get("predictions") or [] if isinstance(p, Mapping)}
     )

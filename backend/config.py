@@ -62,6 +62,7 @@ class Settings:
     max_detections: int = 100
     segmenter_batch_size: int = 0  # prompt sets per SAM decoder call; 0: by device (CPU 1, CUDA 16)
     refine_existing: bool = True  # a click inside an existing same-label region refines it
+    remember_text_prompt: bool = False  # the project's last smart-TextArea phrase re-applies to its next tasks
     # prediction mode and "segment everything" (segment-anything's automatic mask generator)
     prediction_mode: str = "grounded"  # grounded | everything | grounded+everything
     points_per_side: int = 32
@@ -114,6 +115,7 @@ class Settings:
     interactive_priority_s: float = 2.0  # a batch task yields to clicks at most this long
     max_request_mb: int = 64
     max_tasks_per_request: int = 1000  # more tasks in one /predict -> 413
+    predict_time_budget_s: float = 75.0  # /predict defers the tasks it cannot finish in time; 0: no budget
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one JSON object per line)
 
@@ -146,6 +148,13 @@ class Settings:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from exc
         values.update(overrides)
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        # 0 is "no budget"; a negative (or NaN) budget is a mistake, refused where it is read.
+        if not self.predict_time_budget_s >= 0:
+            raise ConfigError(
+                f"PREDICT_TIME_BUDGET_S={self.predict_time_budget_s} must be >= 0 (0: no time budget)"
+            )
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -85,6 +85,9 @@ LS_PATH_PREFIXES = ("/data/", "/tasks/", "/storage-data/", "/api/")
 CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
 USER_AGENT = "grounded-sam-backend"
 TOKEN_EXPIRY_MARGIN_S = 30.0
+# A refused personal access token is not offered again for this long: a batch of thousands of
+# tasks with a revoked token fails each task at once instead of knocking on Label Studio's door.
+TOKEN_REFUSAL_MEMORY_S = 60.0
 _CHUNK_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -250,6 +253,7 @@ class ImageLoader:
         self._backoff_s = backoff_s
         self._memory = _MemoryLRU(memory_cache_bytes)
         self._access_tokens: dict[tuple[str, str], str] = {}
+        self._refused_tokens: dict[tuple[str, str], tuple[float, str]] = {}  # key -> (when, why)
         self._lock = threading.Lock()
         self._allowed_hosts: set[str] = set()
         self._allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -660,10 +664,20 @@ class ImageLoader:
         key = (ls.base_url, ls.token)
         with self._lock:
             access = self._access_tokens.get(key)
+            refused = self._refused_tokens.get(key)
         if force_refresh or access is None or _expires_soon(access):
-            access = self._exchange_refresh_token(ls)
+            if refused is not None and time.monotonic() - refused[0] < TOKEN_REFUSAL_MEMORY_S:
+                raise _FetchError(refused[1])
+            try:
+                access = self._exchange_refresh_token(ls)
+            except _FetchError as exc:
+                if not exc.transient:
+                    with self._lock:
+                        self._refused_tokens[key] = (time.monotonic(), str(exc))
+                raise
             with self._lock:
                 self._access_tokens[key] = access
+                self._refused_tokens.pop(key, None)
         return f"Bearer {access}"
 
     def _exchange_refresh_token(self, ls: _LabelStudio) -> str:
@@ -674,11 +688,13 @@ class ImageLoader:
             status = response.status
             payload = response.read(64 * 1024)
         if status != 200:
+            transient = status in RETRY_STATUSES
             raise _FetchError(
-                f"Label Studio refused the personal access token at {_display_url(url)} (HTTP {status}); "
-                "create a new token or set a legacy one",
-                status=status,
-                transient=status in RETRY_STATUSES,
+                f"Label Studio refused the personal access token at {_display_url(url)} (HTTP {status}"
+                f"{_detail(payload)}); create a new token or set a legacy one",
+                # a refused token is final: no other candidate URL would be served either
+                status=status if transient else None,
+                transient=transient,
             )
         try:
             access = json.loads(payload).get("access")
@@ -710,6 +726,16 @@ class ImageLoader:
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageLoadError(f"corrupt or truncated {image.format or ''} image: {exc}") from exc
         return _to_rgb(oriented)
+
+
+def _detail(payload: bytes) -> str:
+    """``: <Label Studio's reason>`` from a JSON error body such as ``{"detail": "Token is
+    blacklisted"}``, else nothing."""
+    try:
+        detail = json.loads(payload).get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {_shorten(detail)}" if isinstance(detail, str) and detail else ""
 
 
 def _retry_after(header: str | None) -> float | None:

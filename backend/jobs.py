@@ -19,9 +19,10 @@ Scale-out: ``enqueue_plan`` turns the plan into RQ jobs of one batch each
 (``preannotate_chunk``); ``run_worker`` runs them in a ``ModelWorker`` that loads the models
 once per process; ``follow`` aggregates the jobs' results for ``preannotate --wait``.
 
-``GSB_PREDICTOR_FACTORY=module:function`` replaces the model loading of both (tests point it at
-fake models; an extension can plug in its own). The function takes ``(Settings, Metrics)`` and
-returns a ``Predictor``, like ``backend.app.default_predictor_factory``, the default.
+``GSB_PREDICTOR_FACTORY=module:function`` replaces the model loading of both, and of ``serve``
+(tests point it at fake models; an extension can plug in its own). The function takes
+``(Settings, Metrics)`` and returns a ``Predictor``, like ``backend.app.default_predictor_factory``,
+the default.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ attribute, ``thing``. ``mode`` is its own attribute because ``hint`` already car
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
@@ -116,6 +116,20 @@ class ProjectConfig:
         """Labels whose mode is ``stuff`` in any output control."""
         return frozenset(
             label.value for control in self.outputs for label in control.labels if label.mode == "stuff"
+        )
+
+    def with_prompts(self, label: str, prompts: tuple[str, ...]) -> ProjectConfig:
+        """This config with ``label`` found by ``prompts`` in every output control: how an
+        annotator's remembered free-text phrase replaces the config's prompts for its label."""
+
+        def relabel(control: OutputControl) -> OutputControl:
+            specs = tuple(replace(s, prompts=prompts) if s.value == label else s for s in control.labels)
+            return replace(control, labels=specs)
+
+        return replace(
+            self,
+            outputs=tuple(relabel(c) for c in self.outputs),
+            all_outputs=tuple(relabel(c) for c in self.all_outputs),
         )
 
     def mask_outputs_for(self, label: str) -> tuple[OutputControl, ...]:

@@ -55,6 +55,17 @@ class Metrics:
         self.webhook_events = Counter(
             "gsb_webhook_events", "Webhook events received by action", ["action"], registry=self.registry
         )
+        self.deferred_tasks = Counter(
+            "gsb_deferred_tasks",
+            "Tasks /predict left past its time budget, by outcome (queued, already_queued, posted, "
+            "already_predicted, rejected, failed, dropped, no_credentials, unpostable)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.deferred_pending = Gauge(
+            "gsb_deferred_pending", "Deferred tasks queued or being predicted in the background",
+            registry=self.registry,
+        )
         self.model_load_seconds = Gauge(
             "gsb_model_load_seconds", "Seconds the models took to load", registry=self.registry
         )

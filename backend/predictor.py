@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import statistics
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from backend.config import Settings
 from backend.embedding_cache import EmbeddingCache
 from backend.gate import ModelGate
 from backend.images import ImageLoader, ImageLoadError
-from backend.labeling import LabelConfigError, OutputControl, ProjectConfig, parse_label_config
+from backend.labeling import LabelConfigError, OutputControl, ProjectConfig, parse_label_config, split_prompt
 from backend.metrics import Metrics
 from backend.models.base import ConceptSegmenter, Detector, Segmenter
 from backend.models.registry import GROUNDED_SAM, SAM3
@@ -32,6 +34,7 @@ from backend.pipelines.everything import (
 from backend.pipelines.interactive import (
     InteractiveError,
     RefinementMemory,
+    image_embedding,
     parse_context,
     run_clicks,
     run_text_prompt,
@@ -61,7 +64,10 @@ def model_version_for(settings: Settings, project: ProjectConfig | None, mode: s
 
 
 class Predictor:
-    """Holds the loaded models and the caches; stateless per request otherwise."""
+    """Holds the loaded models and the caches; stateless per request otherwise (but for the
+    click memory and, with ``REMEMBER_TEXT_PROMPT``, each project's last typed phrase)."""
+
+    max_remembered_projects = 1024
 
     def __init__(
         self,
@@ -91,6 +97,8 @@ class Predictor:
         self._parse = functools.lru_cache(maxsize=64)(self._parse_uncached)
         self.memory = RefinementMemory()
         self.gate = ModelGate(settings.interactive_priority_s)  # clicks first (backend/gate.py)
+        self._text_prompts: OrderedDict[str, tuple[str, tuple[str, ...]]] = OrderedDict()
+        self._text_prompts_lock = threading.Lock()
 
     def _parse_uncached(self, label_config: str) -> ProjectConfig:
         return parse_label_config(label_config, self.settings.label_prompts, self.settings.label_modes)
@@ -98,6 +106,28 @@ class Predictor:
     def project(self, label_config: str) -> ProjectConfig:
         """Parsed config, cached by its text (Label Studio sends it with every request)."""
         return self._parse(label_config)
+
+    def project_for(self, label_config: str, project_key: str | None) -> ProjectConfig:
+        """The parsed config, with the project's remembered phrase (``REMEMBER_TEXT_PROMPT``)
+        replacing its label's prompts when the label is still offered."""
+        project = self.project(label_config)
+        with self._text_prompts_lock:
+            remembered = self._text_prompts.get(project_key) if project_key is not None else None
+        if remembered is None or remembered[0] not in project.label_values():
+            return project
+        return project.with_prompts(*remembered)
+
+    def remember_text_prompt(self, project_key: str | None, label: str, text: str) -> None:
+        """Keep ``text`` as the project's phrase for ``label`` (most recent projects only)."""
+        phrases = split_prompt(text) or (text.strip(),)
+        if not self.settings.remember_text_prompt or project_key is None or not phrases[0]:
+            return
+        with self._text_prompts_lock:
+            self._text_prompts[project_key] = (label, phrases)
+            self._text_prompts.move_to_end(project_key)
+            while len(self._text_prompts) > self.max_remembered_projects:
+                self._text_prompts.popitem(last=False)
+        log.info("project %s: remembered phrase %r for label %r", project_key, text, label)
 
     def params(self, project: ProjectConfig) -> PreannotateParams:
         """Environment thresholds, overridden by the project's ``<Number>`` tags."""
@@ -212,9 +242,15 @@ class Predictor:
         }
 
     def predict_interactive(
-        self, task: dict[str, Any], context: dict[str, Any], label_config: str, creds: Credentials
+        self,
+        task: dict[str, Any],
+        context: dict[str, Any],
+        label_config: str,
+        creds: Credentials,
+        project_key: str | None = None,
     ) -> dict[str, Any]:
-        """One region set for the annotator's clicks/box/phrase on one task.
+        """One region set for the annotator's clicks/box/phrase on one task; for a
+        ``prewarm`` event, no regions but the image embedding cached for the clicks to come.
 
         Raises ``InteractiveError`` (the caller answers 4xx with its sentence) for a context
         that cannot be turned into a prompt; an unreachable image is an ``error`` item as in
@@ -227,9 +263,14 @@ class Predictor:
         except ImageLoadError as exc:
             self.metrics.errors.labels(kind="image").inc()
             return {"error": f"task {task.get('id')}: {exc}", "model_version": version}
+        if context.get("event") == "prewarm":
+            with self.gate.interactive():
+                image_embedding(loaded.image, loaded.sha256, self.segmenter, self.cache)
+            return self._item([], version)
         request = parse_context(context, project, loaded.width, loaded.height)
         with self.gate.interactive():
             if request.text is not None:
+                self.remember_text_prompt(project_key, request.label, request.text)
                 instances = run_text_prompt(
                     request, loaded.image, loaded.sha256, self.detector, self.segmenter, self.cache,
                     self.params(project), self.concept_segmenter,
@@ -243,11 +284,16 @@ class Predictor:
         return self._item(regions, version)
 
     def predict_tasks(
-        self, tasks: Sequence[dict[str, Any]], label_config: str, creds: Credentials, mode: str | None = None
+        self,
+        tasks: Sequence[dict[str, Any]],
+        label_config: str,
+        creds: Credentials,
+        mode: str | None = None,
+        project_key: str | None = None,
     ) -> list[dict[str, Any]]:
         """Items in task order; raises ``LabelConfigError`` for a config it cannot serve and
         ``ConfigError`` for an unknown ``mode``."""
-        project = self.project(label_config)
+        project = self.project_for(label_config, project_key)
         return [self.predict_task(task, project, creds, mode) for task in tasks]
 
 

@@ -188,6 +188,24 @@ def write_result(name: str, payload: Mapping[str, Any], rows: Sequence[Row]) -> 
     return path
 
 
+def finish(name: str, info: Mapping[str, Any], rows: Sequence[Row], results: Mapping[str, Any]) -> Path:
+    """The end of every bench: the load average at the end (next to the one printed at the
+    start, it tells whether other jobs inflated this run), the table, then the result files
+    with the machine, both load averages and the time it finished around ``results``."""
+    end_load = load_average()
+    print(f"load average at end: {end_load}")
+    print(table(rows))
+    payload = {
+        "machine": info,
+        "load_average_end": end_load,
+        **results,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = write_result(name, payload, rows)
+    print(f"wrote {path}")
+    return path
+
+
 # -- inputs ---------------------------------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ from bench.common import (
     Row,
     alternate,
     ensure_models,
+    finish,
     load_average,
     machine,
     percentile,
@@ -57,9 +58,7 @@ from bench.common import (
     ratio,
     summary,
     synthetic_image,
-    table,
     timed,
-    write_result,
 )
 
 WIDTH, HEIGHT = 1024, 768
@@ -249,12 +248,7 @@ def main() -> None:
         Row("naive / warm", f">= {TARGETS['naive_over_warm']:.0f}x", f"{ratio(naive_p50, warm_p50)}x",
             naive_p50 / warm_p50 >= TARGETS["naive_over_warm"]),
     ]
-    end_load = load_average()
-    print(f"load average at end: {end_load}")
-    print(table(rows))
-    payload = {
-        "machine": info,
-        "load_average_end": end_load,
+    results = {
         "settings": vars(args),
         "dtype": str(segmenter.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
@@ -263,9 +257,8 @@ def main() -> None:
         "variants": stats,
         "regions_returned": clicker.regions,
         "response_bytes_median": int(np.median(clicker.response_bytes)),
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"wrote {write_result('interactive', payload, rows)}")
+    finish("interactive", info, rows, results)
 
 
 if __name__ == "__main__":

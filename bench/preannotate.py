@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import hashlib
 import statistics
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -50,6 +49,7 @@ from bench.common import (
     Row,
     alternate,
     ensure_models,
+    finish,
     load_average,
     machine,
     peak_rss_mb,
@@ -57,9 +57,7 @@ from bench.common import (
     ratio,
     summary,
     synthetic_image,
-    table,
     timed,
-    write_result,
 )
 
 WIDTH, HEIGHT = 1024, 768
@@ -263,13 +261,8 @@ def main() -> None:
     ]
     rows.append(Row("peak RSS, both models loaded + one pre-annotation", f"<= {TARGETS['rss_gb']:.0f} GB",
                     f"{rss_gb:.2f} GiB", rss_gb <= TARGETS["rss_gb"]))
-    end_load = load_average()
-    print(f"load average at end: {end_load}")
-    print(table(rows))
-    payload = {
-        "machine": info,
-        "load_average_end": end_load,
-        "settings": {k: v for k, v in vars(args).items()},
+    results = {
+        "settings": vars(args),
         "dtype": str(segmenter.dtype).removeprefix("torch."),
         "segmenter_batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
@@ -279,9 +272,8 @@ def main() -> None:
         "boxes16": boxes16,
         "detector_sizes": sizes,
         "peak_rss_mib": {"after_load": round(rss_loaded), "after_first_preannotation": round(rss_after_first or 0)},
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"wrote {write_result('preannotate', payload, rows)}")
+    finish("preannotate", info, rows, results)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,13 @@ from bench.common import (
     RESULTS_DIR,
     Row,
     ensure_models,
+    finish,
     load_average,
     machine,
     peak_rss_mb,
     print_machine,
     ratio,
     synthetic_image,
-    write_result,
 )
 
 ROUTES = ("grounded", "sam3", "sam3-naive", "sam2")
@@ -99,30 +99,52 @@ def _labels() -> dict[str, tuple[str, ...]]:
     return {word: (word,) for word in LABEL_WORDS}
 
 
+def _load(settings: Any) -> tuple[dict[str, float], Any, Any]:
+    """``load_models`` timed (the server's path), its bundle, and the embedding cache the
+    bundle shares (SAM 3's tracker reads the concept model's ViT output from it)."""
+    from backend.embedding_cache import EmbeddingCache
+    from backend.models.registry import load_models
+
+    cache = EmbeddingCache(2**31)
+    load, bundle = _measured(lambda: load_models(settings, cache))
+    return load, bundle, cache
+
+
+def _embed(model: Any, image: Any, sha: str, cache: Any) -> tuple[dict[str, float], Any]:
+    """``model.embed(image)`` timed, through the cache entry the pipelines then read."""
+    from backend.embedding_cache import cache_key
+
+    return _measured(lambda: cache.get_or_compute(cache_key(sha, model.model_id), lambda: model.embed(image)))
+
+
+def _per_image(*parts: dict[str, float]) -> dict[str, float]:
+    """The wall and CPU seconds of all the steps one image takes, for the routes' comparison."""
+    return {
+        "per_image_wall_s": round(sum(part["wall_s"] for part in parts), 2),
+        "per_image_cpu_s": round(sum(part["cpu_s"] for part in parts), 2),
+    }
+
+
 # -- workers (one route per process) --------------------------------------------------------
 
 
 def _grounded(image: Any, sha: str) -> dict[str, Any]:
     from backend.config import Settings
-    from backend.embedding_cache import EmbeddingCache, cache_key
-    from backend.models.registry import load_models
     from backend.pipelines.preannotate import preannotate
 
     paths = ensure_models()
-    settings = Settings(detector_model=str(paths.detector), segmenter_model=str(paths.segmenter), device="cpu")
-    cache = EmbeddingCache(2**31)
-    load, bundle = _measured(lambda: load_models(settings, cache))
+    load, bundle, cache = _load(
+        Settings(detector_model=str(paths.detector), segmenter_model=str(paths.segmenter), device="cpu")
+    )
     segmenter, detector = bundle.segmenter, bundle.detector
-    key = cache_key(sha, segmenter.model_id)
-    encoder, embedding = _measured(lambda: cache.get_or_compute(key, lambda: segmenter.embed(image)))
+    encoder, embedding = _embed(segmenter, image, sha, cache)
     rest, found = _measured(lambda: preannotate(image, sha, _labels(), detector, segmenter, cache, _params()))
     return {
         "models": {"detector": "GroundingDINO-T (172M)", "segmenter": "SAM ViT-B (94M)"},
         "load": load,
         "image_encoder": encoder,
         "labels_on_cached_image": rest,
-        "per_image_wall_s": round(encoder["wall_s"] + rest["wall_s"], 2),
-        "per_image_cpu_s": round(encoder["cpu_s"] + rest["cpu_s"], 2),
+        **_per_image(encoder, rest),
         "instances": len(found),
         "warm_click": _clicks(segmenter, embedding),
     }
@@ -130,28 +152,19 @@ def _grounded(image: Any, sha: str) -> dict[str, Any]:
 
 def _sam3(image: Any, sha: str) -> dict[str, Any]:
     from backend.config import Settings
-    from backend.embedding_cache import EmbeddingCache, cache_key
-    from backend.models.registry import load_models
     from backend.pipelines.preannotate import preannotate_concepts
 
-    settings = Settings(segmenter_model=str(MODELS_DIR / SAM3_FOLDER), device="cpu")
-    cache = EmbeddingCache(2**31)
-    load, bundle = _measured(lambda: load_models(settings, cache))
+    load, bundle, cache = _load(Settings(segmenter_model=str(MODELS_DIR / SAM3_FOLDER), device="cpu"))
     concept, tracker = bundle.concept_segmenter, bundle.segmenter
-    backbone, _ = _measured(
-        lambda: cache.get_or_compute(cache_key(sha, concept.model_id), lambda: concept.embed(image))
-    )
+    backbone, _ = _embed(concept, image, sha, cache)
     prompts, found = _measured(lambda: preannotate_concepts(image, sha, _labels(), concept, cache, _params()))
-    first_click_embed, embedding = _measured(
-        lambda: cache.get_or_compute(cache_key(sha, tracker.model_id), lambda: tracker.embed(image))
-    )
+    first_click_embed, embedding = _embed(tracker, image, sha, cache)
     return {
         "models": {"concept_segmenter": "Sam3Model (840M)", "segmenter": "Sam3TrackerModel on the shared ViT (+12M)"},
         "load": load,
         "backbone_once": backbone,
         "three_prompt_passes": prompts,
-        "per_image_wall_s": round(backbone["wall_s"] + prompts["wall_s"], 2),
-        "per_image_cpu_s": round(backbone["cpu_s"] + prompts["cpu_s"], 2),
+        **_per_image(backbone, prompts),
         "instances": len(found),
         "tracker_features_from_cached_vit": first_click_embed,
         "warm_click": _clicks(tracker, embedding),
@@ -179,8 +192,7 @@ def _sam3_naive(image: Any, sha: str) -> dict[str, Any]:
         "models": {"concept_segmenter": "Sam3Model (840M), whole forward per label"},
         "load": load,
         "per_label": per_label,
-        "per_image_wall_s": round(sum(t["wall_s"] for t in per_label.values()), 2),
-        "per_image_cpu_s": round(sum(t["cpu_s"] for t in per_label.values()), 2),
+        **_per_image(*per_label.values()),
     }
 
 
@@ -227,7 +239,6 @@ def _work(route: str) -> None:
 def _build() -> None:
     """Save real-size random SAM 3 (hub layout) and SAM 2.1 hiera-tiny under MODELS_DIR."""
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         Sam2Config,
         Sam2ImageProcessor,
@@ -240,33 +251,24 @@ def _build() -> None:
         Sam3TrackerConfig,
         Sam3TrackerModel,
         Sam3TrackerVideoConfig,
-        Sam3VideoConfig,
     )
 
-    from tests.tiny_models import _clip_tokenizer
+    from tests.tiny_models import clip_tokenizer
+    from tests.tiny_sam3_models import save_sam3_hub_checkpoint
 
     torch.manual_seed(0)
     sam2 = MODELS_DIR / SAM2_FOLDER
     Sam2Model(Sam2Config()).save_pretrained(sam2)  # the default config is hiera-tiny
     Sam2Processor(image_processor=Sam2ImageProcessor()).save_pretrained(sam2)
 
-    # the facebook/sam3 layout, as tests/tiny_sam3_models.py writes it at tiny size
-    folder = MODELS_DIR / SAM3_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    detector_config = Sam3Config()  # the real sizes (ViT-L/14 at 1008 px, CLIP text encoder)
-    tensors = {f"detector_model.{k}": v for k, v in Sam3Model(detector_config).state_dict().items()}
-    for name, value in Sam3TrackerModel(Sam3TrackerConfig()).state_dict().items():
-        if name.startswith("vision_encoder.neck."):
-            tensors[f"tracker_neck.{name.removeprefix('vision_encoder.neck.')}"] = value
-        elif not name.startswith("vision_encoder.backbone."):
-            tensors[f"tracker_model.{name}"] = value
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
-    Sam3VideoConfig(
-        detector_config=detector_config.to_dict(), tracker_config=Sam3TrackerVideoConfig().to_dict()
-    ).save_pretrained(folder)
-    # a test tokenizer: text-encoder cost depends on the padded length (always 32), not the vocabulary
-    Sam3Processor(image_processor=Sam3ImageProcessor(), tokenizer=_clip_tokenizer(LABEL_WORDS, 32)).save_pretrained(
-        folder
+    # the real sizes (ViT-L/14 at 1008 px, CLIP text encoder); a test tokenizer: text-encoder
+    # cost depends on the padded length (always 32), not the vocabulary
+    save_sam3_hub_checkpoint(
+        MODELS_DIR / SAM3_FOLDER,
+        Sam3Model(Sam3Config()),
+        Sam3TrackerModel(Sam3TrackerConfig()),
+        Sam3TrackerVideoConfig(),
+        Sam3Processor(image_processor=Sam3ImageProcessor(), tokenizer=clip_tokenizer(LABEL_WORDS, 32)),
     )
 
 
@@ -357,10 +359,7 @@ def main() -> None:
         routes[route] = {**json.loads(done.stdout.strip().splitlines()[-1]), "machine": info}
         print(json.dumps(routes[route], indent=2), flush=True)
     ordered = {route: routes[route] for route in ROUTES if route in routes}
-    rows = _rows(ordered)
-    write_result("zoo", {"machine": info, "load_average_end": load_average(), "routes": ordered}, rows)
-    print("\n".join(f"{r.what}: {r.achieved}" for r in rows))
-    print(f"wrote {path}")
+    finish("zoo", info, _rows(ordered), {"routes": ordered})
 
 
 if __name__ == "__main__":

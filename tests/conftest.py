@@ -6,10 +6,13 @@ import base64
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +39,22 @@ CONFIG_ALL_OUTPUTS = """
     <Label value="cat"/><Label value="dog"/>
   </RectangleLabels>
 </View>
+"""
+
+
+def every_region_type_config(*extra_tags: str) -> str:
+    """A config with every region type this backend writes (labels "cat" and "red car") and a
+    smart keypoint control, plus ``extra_tags`` (e.g. a TextArea) inside the ``<View>``."""
+    extra = "".join(f"  {tag}\n" for tag in extra_tags)
+    return f"""
+<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="brush" toName="image"><Label value="cat"/><Label value="red car"/></BrushLabels>
+  <BitmaskLabels name="bits" toName="image"><Label value="cat"/><Label value="red car"/></BitmaskLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="red car"/></PolygonLabels>
+  <RectangleLabels name="rect" toName="image"><Label value="cat"/><Label value="red car"/></RectangleLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
+{extra}</View>
 """
 
 
@@ -76,3 +95,24 @@ def make_client() -> Callable:
         return app.test_client(), app
 
     return factory
+
+
+def wait_for_models(client: FlaskClient, timeout_s: float) -> dict[str, Any]:
+    """Poll ``/health`` while the app loads its models in the background (``create_app``
+    returns at once); the last health body, whatever state it reached."""
+    deadline = time.monotonic() + timeout_s
+    health = client.get("/health").json
+    while health["model_state"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
+        health = client.get("/health").json
+    return health
+
+
+def ready_app(environ: Mapping[str, str], timeout_s: float = 120.0) -> Flask:
+    """The app configured as a user would (environment variables, on the CPU in float32),
+    once its real models have loaded: the start-up path a server goes through."""
+    settings = Settings.from_env({"DEVICE": "cpu", "DTYPE": "float32", "MODEL_WAIT_S": str(timeout_s), **environ})
+    app = create_app(settings)
+    health = wait_for_models(app.test_client(), timeout_s)
+    assert health["model_state"] == "ready", health
+    return app

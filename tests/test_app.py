@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 
 from backend.config import Settings
 from backend.metrics import Metrics
-from tests.conftest import CONFIG_ALL_OUTPUTS, data_uri, image_task
+from tests.conftest import CONFIG_ALL_OUTPUTS, data_uri, image_task, wait_for_models
 from tests.fakes import BoxDetector, BoxFillSegmenter
 
 CAT_BOX = ((10.0, 20.0, 50.0, 60.0), 0.8)
@@ -29,9 +29,7 @@ def _predict_body(tasks: list[dict], config: str = CONFIG_ALL_OUTPUTS, context=N
 
 def _ready_client(make_client, settings: Settings | None = None):
     client, app = make_client(settings or Settings(), BoxDetector({"cat": [CAT_BOX]}), BoxFillSegmenter())
-    deadline = time.time() + 10
-    while client.get("/health").json["model_state"] == "loading" and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for_models(client, 10)
     return client, app
 
 
@@ -61,10 +59,7 @@ def test_model_load_failure_is_reported_everywhere(make_client) -> None:
         raise ValueError("model 'nope/missing' not found; pre-download it or set HF_HOME")
 
     client = create_app(Settings(model_wait_s=2), broken).test_client()
-    deadline = time.time() + 5
-    while client.get("/health").json["model_state"] == "loading" and time.time() < deadline:
-        time.sleep(0.01)
-    health = client.get("/health").json
+    health = wait_for_models(client, 5)
     assert health["model_state"] == "error" and "nope/missing" in health["error"]
     setup = client.post("/setup", json={"schema": CONFIG_ALL_OUTPUTS})
     assert setup.status_code == 503 and "nope/missing" in setup.json["detail"]

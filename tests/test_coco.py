@@ -324,6 +324,12 @@ def test_predictions_need_a_model_version_when_several_exist() -> None:
         coco.ls_to_coco_results([t], CONFIG, model_version="c")
 
 
+def test_predictions_listed_by_id_point_to_the_live_project() -> None:
+    quick_export = task(1, [brush(hard_mask())], predictions=[41, 42])  # Label Studio's JSON export shape
+    with pytest.raises(coco.CocoError, match="by id only.*--project"):
+        coco.ls_to_coco_results([quick_export], CONFIG)
+
+
 # --------------------------------------------------------------------------- predictions, pycocotools
 
 

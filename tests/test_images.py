@@ -394,10 +394,14 @@ def test_personal_access_token_is_exchanged_cached_and_refreshed_on_401(serve) -
 
 def test_rejected_personal_access_token_is_a_clear_error(serve) -> None:
     fake = FakeLabelStudio(pat=jwt({"token_type": "refresh"}))
-    ls_url, _ = serve(fake)
+    ls_url, hits = serve(fake)
     wrong = jwt({"token_type": "refresh", "user": "someone else"})
-    with pytest.raises(ImageLoadError, match=r"refused the personal access token .* \(HTTP 401\)"):
-        loader(label_studio_url=ls_url, label_studio_api_key=wrong).load(task("/data/upload/1/a.png"), "image")
+    refusing = loader(label_studio_url=ls_url, label_studio_api_key=wrong)
+    for name in ("a.png", "b.png"):
+        with pytest.raises(ImageLoadError, match=r"refused the personal access token .* \(HTTP 401: invalid\)"):
+            refusing.load(task(f"/data/upload/1/{name}"), "image")
+    exchanges = [h for h in hits if h.path == "/api/token/refresh/"]
+    assert len(exchanges) == 1, "a refused token is neither retried on the next URL nor on the next task"
 
 
 # ---------------------------------------------------------------------------- SSRF guard
@@ -484,6 +488,31 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not(serve) -> None:
     assert [h.path for h in hits].count("/flaky.png") == 3
     assert [h.path for h in hits].count("/down.png") == 3
     assert [h.path for h in hits].count("/gone.png") == 1
+
+
+def test_retries_back_off_exponentially_and_obey_a_bounded_retry_after(serve, monkeypatch) -> None:
+    # A busy Label Studio (or bucket) must not be hammered: the waits themselves are the behaviour.
+    answers = {
+        "/backoff.png": [(503, {}), (502, {}), (200, {})],
+        "/told.png": [(429, {"Retry-After": "2"}), (200, {})],
+        "/greedy.png": [(503, {"Retry-After": "3600"}), (200, {})],
+    }
+
+    def respond(hit: Hit) -> tuple[int, dict[str, str], bytes]:
+        status, headers = answers[hit.path].pop(0)
+        return (status, headers, b"") if status != 200 else image_response(sample_png())
+
+    waits: list[float] = []
+    monkeypatch.setattr(images_module.time, "sleep", waits.append)
+    base, hits = serve(respond)
+    images = ImageLoader(Settings(allowed_image_hosts="127.0.0.1"), backoff_s=0.25)
+    images.load(task(f"{base}/backoff.png"), "image")
+    assert waits == [0.25, 0.5]
+    images.load(task(f"{base}/told.png"), "image")
+    assert waits[2:] == [2.0]
+    images.load(task(f"{base}/greedy.png"), "image")
+    assert waits[3:] == [images_module.MAX_RETRY_AFTER_S]
+    assert len(hits) == 7
 
 
 def test_downloads_are_cached_in_memory_and_on_disk(serve, tmp_path: Path) -> None:

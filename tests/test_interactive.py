@@ -13,7 +13,7 @@ from PIL import Image
 from backend.config import Settings
 from backend.labeling import parse_label_config
 from backend.regions import Instance, decode_region_mask, encode_instance
-from tests.conftest import data_uri
+from tests.conftest import data_uri, wait_for_models
 from tests.fakes import BoxDetector, BoxFillSegmenter
 
 CONFIG = """
@@ -60,9 +60,7 @@ class Harness:
         self.client, self.app = make_client(settings or Settings(), self.detector, self.segmenter)
         self.image = data_uri(_png(width, height))
         self.width, self.height = width, height
-        deadline = time.time() + 10
-        while self.client.get("/health").json["model_state"] == "loading" and time.time() < deadline:
-            time.sleep(0.01)
+        wait_for_models(self.client, 10)
 
     def click(self, items: list[dict], task_id: int = 1, extra_task: dict | None = None):
         task = {"id": task_id, "data": {"image": self.image}, "annotations": [], "drafts": [], "predictions": []}
@@ -229,3 +227,79 @@ def test_concurrent_clicks_on_one_image_compute_the_embedding_once(make_client) 
         t.join()
     assert statuses == [200] * 8
     assert h.segmenter.embed_calls == 1
+
+
+def test_unlabeled_keypoint_takes_the_only_mask_label(make_client) -> None:
+    h = Harness(make_client)
+    single = CONFIG.replace('<Label value="dog"/>', "", 1)
+    task = {"id": 1, "data": {"image": h.image}}
+    body = {"tasks": [task], "project": "1.1", "label_config": single,
+            "params": {"context": {"result": [keypoint(50.0, 25.0, label=None, positive=None)]}}}
+    regions = h.client.post("/predict", json=body).json["results"][0]["result"]
+    assert [r["value"]["brushlabels"] for r in regions] == [["cat"]]
+
+
+def test_prewarm_caches_the_embedding_and_answers_no_regions(make_client) -> None:
+    h = Harness(make_client)
+    task = {"id": 7, "data": {"image": h.image}}
+    body = {"tasks": [task], "project": "1.1", "label_config": CONFIG, "params": {"context": {"event": "prewarm"}}}
+    response = h.client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    item = response.json["results"][0]
+    assert item["result"] == [] and item["model_version"]
+    assert h.segmenter.embed_calls == 1 and h.segmenter.segment_calls == []
+    h.click([keypoint(50.0, 25.0)], task_id=7)
+    assert h.segmenter.embed_calls == 1, "the first real click after prewarm must reuse the embedding"
+
+
+def _preannotate(h: Harness, task_id: int, project: str = "1.1"):
+    body = {"tasks": [{"id": task_id, "data": {"image": h.image}}], "project": project, "label_config": CONFIG}
+    response = h.client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    return response.json["results"][0]
+
+
+@pytest.mark.parametrize("remember", [True, False])
+def test_typed_phrase_is_remembered_for_the_projects_next_tasks_only_when_enabled(make_client, remember) -> None:
+    h = Harness(make_client, settings=Settings(remember_text_prompt=remember))
+    text = {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["dog on the left"]}}
+    version_before = _preannotate(h, 1)["model_version"]
+    h.click([text, keypoint(1, 1, label="dog")], task_id=1)
+
+    item = _preannotate(h, 2)
+    prompts = h.detector.calls[-1]
+    labels = [r["value"].get("brushlabels") for r in item["result"] if r["type"] == "brushlabels"]
+    if remember:
+        assert "dog on the left" in prompts and "dog" not in prompts and "cat" in prompts
+        assert labels == [["dog"]]
+    else:
+        assert "dog on the left" not in prompts and "dog" in prompts
+        assert labels == []
+    assert item["model_version"] == version_before
+
+    _preannotate(h, 3, project="2.1")  # another project keeps its config's prompts
+    assert "dog" in h.detector.calls[-1] and "dog on the left" not in h.detector.calls[-1]
+
+
+def test_preannotation_leaves_the_first_click_warm(make_client) -> None:
+    h = Harness(make_client)
+    h.detector.boxes["cat"] = [((10.0, 10.0, 60.0, 60.0), 0.9)]
+    assert _preannotate(h, 5)["result"]
+    assert h.segmenter.embed_calls == 1
+    h.click([keypoint(20.0, 20.0)], task_id=5)
+    assert h.segmenter.embed_calls == 1
+
+
+def test_clicks_answer_a_bitmask_control_with_a_png_mask(make_client) -> None:
+    h = Harness(make_client)
+    bitmask = CONFIG.replace("BrushLabels", "BitmaskLabels")
+    task = {"id": 1, "data": {"image": h.image}}
+    body = {"tasks": [task], "project": "1.1", "label_config": bitmask,
+            "params": {"context": {"result": [keypoint(50.0, 25.0)]}}}
+    regions = h.client.post("/predict", json=body).json["results"][0]["result"]
+    assert [(r["type"], r["value"]["bitmasklabels"]) for r in regions] == [("bitmasklabels", ["cat"])]
+    assert regions[0]["value"]["imageDataURL"].startswith("data:image/png;base64,")
+    mask = decode_region_mask(regions[0])
+    expected = np.zeros((480, 640), bool)
+    expected[120 - 5:120 + 6, 320 - 5:320 + 6] = True
+    assert np.array_equal(mask, expected)

@@ -142,3 +142,46 @@ def test_project_number_tags_override_thresholds_and_version() -> None:
     assert plain["result"] and strict["result"] == []
     assert plain["model_version"] != strict["model_version"]
     assert parse_label_config(tuned).thresholds == {"box_threshold": 0.85}
+
+
+def test_predicted_values_prompt_the_synonyms_and_store_the_label() -> None:
+    config = """<View><Image name="img" value="$image"/>
+      <BrushLabels name="b" toName="img"><Label value="vehicle" predicted_values="car,truck,bus"/></BrushLabels>
+      </View>"""
+    detector = BoxDetector({"truck": [((4, 4, 20, 20), 0.9)]})
+    predictor = build_predictor(Settings(), detector, BoxFillSegmenter())
+    item = predictor.predict_tasks([{"id": 1, "data": {"image": data_uri(_png(32, 32))}}], config, Credentials())[0]
+    assert detector.calls == [("car", "truck", "bus")]
+    assert [r["value"]["brushlabels"] for r in item["result"]] == [["vehicle"]]
+    assert decode_region_mask(item["result"][0])[4:20, 4:20].all()
+
+
+def test_model_skip_control_is_left_alone() -> None:
+    config = """<View><Image name="img" value="$image"/>
+      <BrushLabels name="b" toName="img"><Label value="cat"/></BrushLabels>
+      <RectangleLabels name="r" toName="img" model_skip="true"><Label value="cat"/></RectangleLabels></View>"""
+    item = _predict_one(_png(32, 32), {"cat": [((0, 0, 10, 10), 0.9)]}, config)
+    assert [(r["from_name"], r["type"]) for r in item["result"]] == [("b", "brushlabels")]
+
+
+class _ThresholdSpy(BoxDetector):
+    def __init__(self, boxes: dict) -> None:
+        super().__init__(boxes)
+        self.thresholds: list[tuple[float, float]] = []
+
+    def detect(self, image, prompts, box_threshold, text_threshold):
+        self.thresholds.append((box_threshold, text_threshold))
+        return super().detect(image, prompts, box_threshold, text_threshold)
+
+
+def test_text_threshold_number_tag_reaches_the_detector_and_the_version() -> None:
+    tuned = CONFIG_ALL_OUTPUTS.replace(
+        "</View>", '<Number name="text_threshold" toName="image" defaultValue="0.6"/></View>'
+    )
+    detector = _ThresholdSpy({"cat": [((0, 0, 10, 10), 0.8)]})
+    predictor = build_predictor(Settings(text_threshold=0.25), detector, BoxFillSegmenter())
+    task = {"id": 1, "data": {"image": data_uri(_png(32, 32))}}
+    plain = predictor.predict_tasks([task], CONFIG_ALL_OUTPUTS, Credentials())[0]
+    strict = predictor.predict_tasks([task], tuned, Credentials())[0]
+    assert [t for _, t in detector.thresholds] == [0.25, 0.6]
+    assert plain["model_version"] != strict["model_version"]

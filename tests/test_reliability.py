@@ -395,16 +395,23 @@ def test_gate_lets_batch_tasks_through_a_steady_stream_of_clicks_and_clicks_betw
     inside = {"interactive": 0, "batch": 0, "clicks_done": 0}
     lock = threading.Lock()
 
+    @contextmanager
+    def occupying(kind: str, other: str) -> Iterator[None]:
+        """``kind`` holds the model for the block; finding ``other`` inside is an overlap."""
+        with lock:
+            inside[kind] += 1
+            if inside[other]:
+                overlap.append(f"{kind} during {other}")
+        yield
+        with lock:
+            inside[kind] -= 1
+
     def clicks() -> None:
         while not stop.is_set():
             with gate.interactive():
+                with occupying("interactive", "batch"):
+                    time.sleep(0.03)
                 with lock:
-                    inside["interactive"] += 1
-                    if inside["batch"]:
-                        overlap.append("click during batch")
-                time.sleep(0.03)
-                with lock:
-                    inside["interactive"] -= 1
                     inside["clicks_done"] += 1
 
     def batch() -> None:
@@ -412,12 +419,8 @@ def test_gate_lets_batch_tasks_through_a_steady_stream_of_clicks_and_clicks_betw
             with gate.batch_task():
                 with lock:
                     entries.append((time.monotonic() - started, inside["clicks_done"]))
-                    inside["batch"] += 1
-                    if inside["interactive"]:
-                        overlap.append("batch during click")
-                time.sleep(0.3)
-                with lock:
-                    inside["batch"] -= 1
+                with occupying("batch", "interactive"):
+                    time.sleep(0.3)
 
     annotators = [threading.Thread(target=clicks) for _ in range(3)]
     for i, thread in enumerate(annotators):

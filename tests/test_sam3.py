@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import torch
 from PIL import Image
 from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3TrackerProcessor
 
-from backend.app import create_app
 from backend.config import ConfigError, Settings
 from backend.embedding_cache import EmbeddingCache, cache_key
 from backend.images import pixel_sha256
@@ -32,7 +30,7 @@ from backend.models.sam3 import Sam3ConceptSegmenter, Sam3SharedTrackerSegmenter
 from backend.pipelines.everything import AutoModels, AutoParams, EverythingParams, predict_instances
 from backend.pipelines.preannotate import PhraseTable, PreannotateParams, preannotate_concepts
 from backend.regions import decode_region_mask
-from tests.conftest import image_task
+from tests.conftest import every_region_type_config, image_task, ready_app
 from tests.tiny_models import build_tiny_grounding_dino
 from tests.tiny_sam3_models import build_tiny_sam3, build_tiny_sam3_image
 from tests.tiny_sam_models import build_tiny_sam
@@ -307,40 +305,19 @@ def test_model_version_follows_the_pipeline_setting() -> None:
 
 # ------------------------------------------------------------------------------- whole app
 
-CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="brush" toName="image"><Label value="cat"/><Label value="red car"/></BrushLabels>
-  <BitmaskLabels name="bits" toName="image"><Label value="cat"/><Label value="red car"/></BitmaskLabels>
-  <PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="red car"/></PolygonLabels>
-  <RectangleLabels name="rect" toName="image"><Label value="cat"/><Label value="red car"/></RectangleLabels>
-  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
-  <TextArea name="prompt" toName="image"/>
-</View>
-"""
+CONFIG = every_region_type_config('<TextArea name="prompt" toName="image"/>')
 
 
 @pytest.fixture(scope="module")
 def app(sam3_dir):
-    settings = Settings.from_env(
-        {
-            # the route is detected from the checkpoint; the detector setting is never read
-            "DETECTOR_MODEL": "/nonexistent/detector",
-            "SEGMENTER_MODEL": str(sam3_dir),
-            "DEVICE": "cpu",
-            "DTYPE": "float32",
-            "BOX_THRESHOLD": "0",
-            "MAX_DETECTIONS": "4",
-            "MODEL_WAIT_S": "120",
-        }
-    )
-    app = create_app(settings)
-    client = app.test_client()
-    deadline = time.time() + 120
-    while client.get("/health").json["model_state"] == "loading" and time.time() < deadline:
-        time.sleep(0.1)
-    assert client.get("/health").json["model_state"] == "ready", client.get("/health").json
-    return app
+    # the route is detected from the checkpoint; the detector setting is never read
+    environ = {
+        "DETECTOR_MODEL": "/nonexistent/detector",
+        "SEGMENTER_MODEL": str(sam3_dir),
+        "BOX_THRESHOLD": "0",
+        "MAX_DETECTIONS": "4",
+    }
+    return ready_app(environ)
 
 
 def test_health_and_setup_name_the_route_and_every_model(app, sam3_dir) -> None:

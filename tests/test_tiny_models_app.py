@@ -7,29 +7,17 @@ what was found.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from backend.app import create_app
-from backend.config import Settings
 from backend.regions import decode_region_mask
-from tests.conftest import image_task
+from tests.conftest import every_region_type_config, image_task, ready_app
 from tests.tiny_models import build_tiny_grounding_dino
 from tests.tiny_sam_models import build_tiny_sam
 
-CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="brush" toName="image"><Label value="cat"/><Label value="red car"/></BrushLabels>
-  <BitmaskLabels name="bits" toName="image"><Label value="cat"/><Label value="red car"/></BitmaskLabels>
-  <PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="red car"/></PolygonLabels>
-  <RectangleLabels name="rect" toName="image"><Label value="cat"/><Label value="red car"/></RectangleLabels>
-  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
-</View>
-"""
+CONFIG = every_region_type_config()
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +29,14 @@ def tiny_model_dirs(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def client(tiny_model_dirs):
     detector_dir, segmenter_dir = tiny_model_dirs
-    settings = Settings.from_env(
-        {
-            "DETECTOR_MODEL": str(detector_dir),
-            "SEGMENTER_MODEL": str(segmenter_dir),
-            "DEVICE": "cpu",
-            "DTYPE": "float32",
-            "BOX_THRESHOLD": "0",
-            "TEXT_THRESHOLD": "0",
-            "MAX_DETECTIONS": "4",
-            "MODEL_WAIT_S": "120",
-        }
-    )
-    app = create_app(settings)
-    test_client = app.test_client()
-    deadline = time.time() + 120
-    while test_client.get("/health").json["model_state"] == "loading" and time.time() < deadline:
-        time.sleep(0.1)
-    assert test_client.get("/health").json["model_state"] == "ready", test_client.get("/health").json
-    return test_client
+    environ = {
+        "DETECTOR_MODEL": str(detector_dir),
+        "SEGMENTER_MODEL": str(segmenter_dir),
+        "BOX_THRESHOLD": "0",
+        "TEXT_THRESHOLD": "0",
+        "MAX_DETECTIONS": "4",
+    }
+    return ready_app(environ).test_client()
 
 
 def test_predict_returns_every_region_type_from_real_loaded_models(client) -> None:

@@ -17,30 +17,20 @@ from transformers import (
     CLIPSegConfig,
     CLIPSegForImageSegmentation,
     CLIPSegProcessor,
+    CLIPTokenizer,
     ViTImageProcessor,
 )
 
-from tests.tiny_models import _clip_tokenizer
+from tests.tiny_models import clip_text_config, clip_tokenizer
 
 WORDS = ("a", "photo", "of", "sky", "road", "grass", "cat", "dog", "background")
 _TEXT_LENGTH = 16
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=16)
 
 
-def _text_config(words: Iterable[str]) -> tuple[dict, object]:
-    tokenizer = _clip_tokenizer(words, _TEXT_LENGTH)
-    config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=_TEXT_LENGTH,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return config, tokenizer
+def _text_config(words: Iterable[str]) -> tuple[dict, CLIPTokenizer]:
+    tokenizer = clip_tokenizer(words, _TEXT_LENGTH)
+    return clip_text_config(tokenizer, num_hidden_layers=2), tokenizer
 
 
 def build_tiny_clip(path: str | Path, words: Iterable[str] = WORDS) -> Path:

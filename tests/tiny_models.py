@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -122,7 +123,7 @@ def build_tiny_mm_grounding_dino(path: str | Path, words: Iterable[str] = DEFAUL
     return _save_grounding_dino(model, path, words)
 
 
-def _clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer:
+def clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer:
     """A byte-level BPE CLIP tokenizer: all 256 byte symbols (alone and word-final), merges
     that build each of ``words`` left to right, and the special tokens last.
 
@@ -146,23 +147,33 @@ def _clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token="!")
 
 
+def clip_text_config(tokenizer: CLIPTokenizer, num_hidden_layers: int = 1, **extra: Any) -> dict[str, Any]:
+    """A tiny CLIP-style text tower (CLIP, CLIPSeg, OWLv2, SAM 3) fitted to ``tokenizer``.
+
+    The vocabulary size, the padded length and the special ids must be the tokenizer's: a
+    mismatch fails at the first forward, or pools the text at the wrong token without an error.
+    """
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
 def build_tiny_owlv2(path: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> Path:
     """A random OWLv2 (96 px input, 16 px patches: 36 box queries) + processor at ``path``."""
     path = Path(path)
     text_length = 16
-    tokenizer = _clip_tokenizer(words, text_length)
+    tokenizer = clip_tokenizer(words, text_length)
     config = Owlv2Config(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": text_length,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        text_config=clip_text_config(tokenizer),
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,

@@ -32,7 +32,7 @@ from transformers import (
     Sam3ViTConfig,
 )
 
-from tests.tiny_models import DEFAULT_WORDS, _clip_tokenizer
+from tests.tiny_models import DEFAULT_WORDS, clip_text_config, clip_tokenizer
 from tests.tiny_sam_models import _TRACKER_DECODER, reinit_weights
 
 IMAGE_SIZE = 112
@@ -67,7 +67,7 @@ def _tracker_parts() -> dict:
 
 
 def _processor(words: Iterable[str]) -> Sam3Processor:
-    tokenizer = _clip_tokenizer(words, TEXT_LENGTH)
+    tokenizer = clip_tokenizer(words, TEXT_LENGTH)
     image_processor = Sam3ImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, mask_size={"height": 32, "width": 32}
     )
@@ -75,21 +75,9 @@ def _processor(words: Iterable[str]) -> Sam3Processor:
 
 
 def _detector_config(processor: Sam3Processor) -> Sam3Config:
-    tokenizer = processor.tokenizer
     return Sam3Config(
         vision_config=_vision_config().to_dict(),
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=TEXT_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=clip_text_config(processor.tokenizer, projection_dim=32),
         geometry_encoder_config=dict(_SMALL_LAYERS),
         detr_encoder_config=dict(_SMALL_LAYERS),
         detr_decoder_config=dict(_SMALL_LAYERS, num_layers=2, num_queries=20),
@@ -109,14 +97,26 @@ def build_tiny_sam3_image(path: str | Path, words: Iterable[str] = DEFAULT_WORDS
 
 def build_tiny_sam3(path: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> Path:
     """The facebook/sam3 layout (``model_type: sam3_video``): detector + tracker sharing one ViT."""
-    folder = Path(path)
     processor = _processor(words)
-    detector_config = _detector_config(processor)
-    detector = Sam3Model(detector_config)
+    detector = Sam3Model(_detector_config(processor))
     reinit_weights(detector, seed=0)
     tracker = Sam3TrackerModel(Sam3TrackerConfig(**_tracker_parts()))
     reinit_weights(tracker, seed=1)
+    # the video tracker config re-derives the sizes of its parts from its own image_size
+    tracker_config = Sam3TrackerVideoConfig(image_size=IMAGE_SIZE, **_tracker_parts())
+    return save_sam3_hub_checkpoint(path, detector, tracker, tracker_config, processor)
 
+
+def save_sam3_hub_checkpoint(
+    path: str | Path,
+    detector: Sam3Model,
+    tracker: Sam3TrackerModel,
+    tracker_config: Sam3TrackerVideoConfig,
+    processor: Sam3Processor,
+) -> Path:
+    """Write ``detector`` and ``tracker`` in the facebook/sam3 layout (see the module docstring);
+    the benchmarks write their real-size random SAM 3 with it too, so both load like the hub's."""
+    folder = Path(path)
     tensors = {f"detector_model.{name}": value for name, value in detector.state_dict().items()}
     for name, value in tracker.state_dict().items():
         if name.startswith("vision_encoder.backbone."):
@@ -125,11 +125,7 @@ def build_tiny_sam3(path: str | Path, words: Iterable[str] = DEFAULT_WORDS) -> P
             tensors[f"tracker_neck.{name.removeprefix('vision_encoder.neck.')}"] = value
         else:
             tensors[f"tracker_model.{name}"] = value
-    config = Sam3VideoConfig(
-        detector_config=detector_config.to_dict(),
-        # the video tracker config re-derives the sizes of its parts from its own image_size
-        tracker_config=Sam3TrackerVideoConfig(image_size=IMAGE_SIZE, **_tracker_parts()).to_dict(),
-    )
+    config = Sam3VideoConfig(detector_config=detector.config.to_dict(), tracker_config=tracker_config.to_dict())
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     save_file({name: value.contiguous() for name, value in tensors.items()}, folder / "model.safetensors")

@@ -4,6 +4,10 @@ The logic lives in ``backend.jobs``; this module parses flags, draws the progres
 prints the summary. Exit status: 0 when every task in scope holds a prediction of the current
 model_version, 1 when a task failed (listed; the next run retries it) or the run stopped on
 an error, 2 for a configuration error, 130 when stopped by Ctrl-C (run again to resume).
+
+``backend.jobs`` (and through it torch and the model code), the Label Studio client and RQ are
+imported inside the commands, not here: ``grounded-sam-backend --help`` and flag errors build
+this module's parsers and should answer at once, not after seconds of importing torch.
 """
 
 from __future__ import annotations
@@ -12,19 +16,19 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import httpx
 from label_studio_sdk.core.api_error import ApiError
 from redis.exceptions import RedisError
-from rq import Worker
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from backend import jobs
 from backend.config import ConfigError, Settings
 from backend.logs import configure_logging
-from backend.ls_client import LabelStudioClient
+
+if TYPE_CHECKING:
+    from backend import jobs
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -86,6 +90,9 @@ def _notify_stop(what: str) -> Callable[[], None]:
 
 
 def _preannotate(args: argparse.Namespace) -> int:
+    from backend import jobs
+    from backend.ls_client import LabelStudioClient
+
     if args.wait and not args.queue:
         raise ValueError("--wait follows queue jobs: it needs --queue")
     settings = _settings(args)
@@ -128,6 +135,10 @@ def _preannotate(args: argparse.Namespace) -> int:
 
 
 def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
+    from rq import Worker
+
+    from backend import jobs
+
     queue = jobs.open_queue(args.queue)
     if args.dry_run:
         chunks = -(-len(plan.todo) // args.batch_size)
@@ -155,6 +166,8 @@ def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from backend import jobs
+
     settings = _settings(args)
     jobs.run_worker(args.queue, settings, name=args.name, burst=args.burst, heartbeat_s=args.heartbeat_s)
     return 0
@@ -171,6 +184,8 @@ def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[a
         except ValueError as exc:  # LabelConfigError and missing URL/key are ValueErrors
             message = str(exc)
         except (ApiError, httpx.HTTPError) as exc:
+            from backend import jobs
+
             message = jobs.describe_error(exc)
         except RedisError as exc:
             message = f"Redis: {exc}"

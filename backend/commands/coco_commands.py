@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from label_studio_sdk.core.api_error import ApiError
@@ -24,7 +24,9 @@ from label_studio_sdk.core.api_error import ApiError
 from backend import coco, yolo
 from backend.config import Settings
 from backend.labeling import ProjectConfig, parse_label_config
-from backend.ls_client import LabelStudioClient
+
+if TYPE_CHECKING:
+    from backend.ls_client import LabelStudioClient
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class _Source:
 
 
 def _client(args: argparse.Namespace) -> LabelStudioClient:
+    # imported here: the API client's SDK modules would slow down every ``--help``
+    from backend.ls_client import LabelStudioClient
+
     settings = Settings.from_env()
     return LabelStudioClient(args.ls_url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
 

@@ -106,21 +106,27 @@ def check_mode(mode: str) -> str:
     return normalised
 
 
+# The defaults of the parameter classes below are the settings' defaults (config.py, mirrored
+# by the README's table): one place to change them, and a test's ``EverythingParams()`` means
+# the same as an unconfigured server.
+_SETTINGS = Settings()
+
+
 @dataclass(frozen=True)
 class EverythingParams:
     """segment-anything's automatic-mask-generator parameters, same names and defaults."""
 
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
+    points_per_side: int = _SETTINGS.points_per_side
+    points_per_batch: int = _SETTINGS.points_per_batch
+    pred_iou_thresh: float = _SETTINGS.pred_iou_thresh
+    stability_score_thresh: float = _SETTINGS.stability_score_thresh
+    stability_score_offset: float = _SETTINGS.stability_score_offset
+    box_nms_thresh: float = _SETTINGS.box_nms_thresh
+    crop_n_layers: int = _SETTINGS.crop_n_layers
+    crop_nms_thresh: float = _SETTINGS.crop_nms_thresh
+    crop_overlap_ratio: float = _SETTINGS.crop_overlap_ratio
+    crop_n_points_downscale_factor: int = _SETTINGS.crop_n_points_downscale_factor
+    min_mask_region_area: int = _SETTINGS.min_mask_region_area
 
     def __post_init__(self) -> None:
         for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
@@ -145,14 +151,14 @@ class AutoParams:
     """Everything the modes need beyond pre-annotation's thresholds."""
 
     everything: EverythingParams = EverythingParams()
-    label_match_iou: float = 0.5
-    clip_threshold: float = 0.5
-    unlabeled_label: str = ""
-    clipseg_threshold: float = 0.5
-    clipseg_refine_points: int = 0
-    skip_existing_masks: bool = False
-    existing_overlap_thresh: float = 0.5
-    non_overlapping_masks: bool = False
+    label_match_iou: float = _SETTINGS.label_match_iou
+    clip_threshold: float = _SETTINGS.clip_threshold
+    unlabeled_label: str = _SETTINGS.unlabeled_label
+    clipseg_threshold: float = _SETTINGS.clipseg_threshold
+    clipseg_refine_points: int = _SETTINGS.clipseg_refine_points
+    skip_existing_masks: bool = _SETTINGS.skip_existing_masks
+    existing_overlap_thresh: float = _SETTINGS.existing_overlap_thresh
+    non_overlapping_masks: bool = _SETTINGS.non_overlapping_masks
 
     def __post_init__(self) -> None:
         for name in ("label_match_iou", "clip_threshold", "clipseg_threshold", "existing_overlap_thresh"):

@@ -12,6 +12,10 @@ Rules (documented in the README):
 - One positive point and nothing else: SAM's three candidates, the best predicted IoU wins.
 - Refinement memory: the previous answer's low-resolution logits for the same task, label and
   image are fed back as the mask prompt when the new clicks extend the previous ones.
+- Prewarm: ``context.event == "prewarm"`` only computes and caches the image embedding and
+  answers no regions, so the first real click is warm.
+- Remembered phrase (``REMEMBER_TEXT_PROMPT``): the last smart-TextArea phrase of a project and
+  its label replace that label's prompts in the project's next pre-annotations.
 - Refine what is there (``REFINE_EXISTING``): when the first positive click lands inside a region
   of the task's draft, annotation or prediction with the same label, that region's mask (and its
   bounding box, unless a box was drawn) seeds SAM, so one click fixes a pre-annotated mask.
@@ -31,7 +35,7 @@ from PIL import Image
 
 from backend.embedding_cache import EmbeddingCache, cache_key
 from backend.labeling import MASK_TYPES, OutputControl, ProjectConfig, split_prompt
-from backend.models.base import Box, ConceptSegmenter, Detector, PromptSet, Segmenter
+from backend.models.base import Box, ConceptSegmenter, Detector, ImageEmbedding, PromptSet, Segmenter
 from backend.pipelines.preannotate import PreannotateParams, find_instances
 from backend.regions import Instance, decode_region_mask
 
@@ -245,6 +249,14 @@ def _bbox(mask: np.ndarray) -> Box:
     return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
+def image_embedding(
+    image: Image.Image, image_sha256: str, segmenter: Segmenter, cache: EmbeddingCache
+) -> ImageEmbedding:
+    """The click segmenter's embedding of ``image``, computed once and cached: a ``prewarm``
+    call runs only this, so the annotator's first real click is already warm."""
+    return cache.get_or_compute(cache_key(image_sha256, segmenter.model_id), lambda: segmenter.embed(image))
+
+
 def run_clicks(
     request: ClickRequest,
     task: Mapping[str, Any],
@@ -270,7 +282,7 @@ def run_clicks(
         len(request.points) == 1 and request.point_labels == (1,) and prompt.box is None
         and prompt.mask_logits is None and prompt.prior_mask is None
     )
-    embedding = cache.get_or_compute(cache_key(image_sha256, segmenter.model_id), lambda: segmenter.embed(image))
+    embedding = image_embedding(image, image_sha256, segmenter, cache)
     prediction = segmenter.segment(embedding, [prompt], multimask=single_click)[0]
     if prediction.low_res_logits is not None:
         memory.remember(memory_key, request, prediction.low_res_logits)

@@ -29,25 +29,29 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms, box_iou
 
+from backend.config import Settings
 from backend.embedding_cache import EmbeddingCache, cache_key
 from backend.models.base import ConceptSegmenter, Detection, Detector, PromptSet, Segmenter
 from backend.regions import Instance, remove_small_regions
 
 log = logging.getLogger(__name__)
 
+# Defaults are the settings' own (config.py): one place to change them.
+_SETTINGS = Settings()
+
 
 @dataclass(frozen=True)
 class PreannotateParams:
     """Thresholds of one pre-annotation run (environment defaults, per-project overrides)."""
 
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
+    box_threshold: float = _SETTINGS.box_threshold
+    text_threshold: float = _SETTINGS.text_threshold
     label_thresholds: Mapping[str, float] = field(default_factory=dict)
-    nms_iou: float = 0.5
-    cross_label_iou: float = 0.95
-    mask_nms_iou: float = 0.0
-    min_region_area: int = 0
-    max_detections: int = 100
+    nms_iou: float = _SETTINGS.nms_iou
+    cross_label_iou: float = _SETTINGS.cross_label_iou
+    mask_nms_iou: float = _SETTINGS.mask_nms_iou
+    min_region_area: int = _SETTINGS.min_region_area
+    max_detections: int = _SETTINGS.max_detections
 
 
 @dataclass(frozen=True)

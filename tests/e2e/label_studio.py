@@ -421,6 +421,24 @@ class LSApi:
         """The project's JSON export, as a user downloads it."""
         return self.request("GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"})
 
+    def create_personal_access_token(self) -> str:
+        """Turn personal access tokens on for the organization and create one for this user.
+
+        The settings POST names both switches: the serializer saves what it is given, and the
+        legacy token this client authenticates with must stay enabled. Label Studio allows one
+        live personal token per user (HTTP 409 otherwise): revoke it when done.
+        """
+        self.request("POST", "/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": True})
+        return self.request("POST", "/api/token/")["token"]
+
+    def revoke_personal_access_token(self, token: str) -> bool:
+        """Blacklist a personal access token; False when Label Studio says it already was (404)."""
+        path = "/api/token/blacklist/"
+        answer = self.session.post(f"{self.base_url}{path}", json={"refresh": token}, timeout=self.timeout)
+        if answer.status_code not in (204, 404):
+            raise LSApiError("POST", path, answer.status_code, answer.text)
+        return answer.status_code == 204
+
 
 class LabelStudio(NamedTuple):
     """What tests get from the ``label_studio`` fixture: where it runs, the token, a client, and
