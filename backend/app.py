@@ -135,11 +135,14 @@ class BackendState:
 
 
 def route_info(state: BackendState) -> dict[str, Any]:
-    """The pre-annotation route and the model of every role: the loaded ones once the models
-    are ready, the configured ones before (``PIPELINE=auto`` is resolved while they load)."""
+    """The pre-annotation route, the model of every role and the device: the loaded ones once
+    the models are ready, the configured ones before (``PIPELINE=auto`` is resolved while they load)."""
     if state.runtime.state == "ready":
+        from backend.models.loading import resolve_device  # torch is loaded by now
+
         predictor = state.runtime.get(0)
-        return {"pipeline": predictor.pipeline, "models": predictor.model_ids()}
+        device = resolve_device(state.settings.device)  # "auto" -> the device the models run on
+        return {"pipeline": predictor.pipeline, "models": predictor.model_ids(), "device": device}
     configured = {"detector": state.settings.detector_model, "segmenter": state.settings.segmenter_model}
     return {"pipeline": state.settings.pipeline, "models": configured}
 

@@ -136,12 +136,16 @@ class EmbeddingCache:
         max_bytes: int,
         disk_dir: str | None = None,
         disk_max_bytes: int = 10 * _GIB,
+        disk_namespace: str = "",
     ) -> None:
+        """``disk_namespace`` names what besides the key changes an embedding (device and
+        dtype): processes sharing a disk tier under other ones never read each other's files."""
         if max_bytes < 0 or disk_max_bytes < 0:
             raise ValueError("embedding cache sizes must be >= 0")
         self.max_bytes = max_bytes
         self.disk_dir = disk_dir or None
         self.disk_max_bytes = disk_max_bytes
+        self.disk_namespace = disk_namespace
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[ImageEmbedding, int]] = OrderedDict()
         self._bytes = 0
@@ -163,11 +167,16 @@ class EmbeddingCache:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddingCache:
-        """Build the cache from ``EMBEDDING_CACHE_MB`` / ``_DIR`` / ``_GB`` (MiB and GiB)."""
+        """Build the cache from ``EMBEDDING_CACHE_MB`` / ``_DIR`` / ``_GB`` (MiB and GiB), its
+        disk tier namespaced by the device and dtype the models will run in."""
+        from backend.models.loading import resolve_device, resolve_dtype
+
+        device = resolve_device(settings.device)
         return cls(
             max_bytes=settings.embedding_cache_mb * _MIB,
             disk_dir=settings.embedding_cache_dir or None,
             disk_max_bytes=int(settings.embedding_cache_gb * _GIB),
+            disk_namespace=f"{torch.device(device).type}/{resolve_dtype(settings.dtype, device)}",
         )
 
     # ------------------------------------------------------------------ public API
@@ -278,7 +287,8 @@ class EmbeddingCache:
     def _path(self, key: str) -> str:
         assert self.disk_dir is not None
         # Hashed because keys carry model ids with '/' and ':'.
-        return os.path.join(self.disk_dir, hashlib.sha256(key.encode()).hexdigest() + _FILE_SUFFIX)
+        digest = hashlib.sha256(f"{self.disk_namespace}|{key}".encode()).hexdigest()
+        return os.path.join(self.disk_dir, digest + _FILE_SUFFIX)
 
     def _read_disk(self, key: str) -> ImageEmbedding | None:
         """The stored embedding, or None when absent or unreadable (the file is then removed,

@@ -218,6 +218,7 @@ class Predictor:
                     self.auto_params,
                     version,
                     self.concept_segmenter,
+                    self.metrics.unmatched_phrases.inc,
                 )
             regions = self.encode(project, instances, loaded.width, loaded.height)
         except ImageLoadError as exc:

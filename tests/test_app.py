@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+import torch
 from werkzeug.serving import make_server
 
 from backend.config import Settings
@@ -43,6 +44,13 @@ def test_health_answers_at_once_while_models_load(make_client) -> None:
     assert response.json["model_state"] == "loading"
     setup = client.post("/setup", json={"project": "1.1", "schema": CONFIG_ALL_OUTPUTS})
     assert setup.status_code == 200 and setup.json["model_version"].startswith("grounded-sam-")
+
+
+def test_health_names_the_device_auto_resolved_to_once_ready(make_client) -> None:
+    client, _ = make_client(Settings(device="auto"), BoxDetector({}), BoxFillSegmenter(), load_delay_s=0.5)
+    assert client.get("/health").json["device"] == "auto"  # still loading: the setting
+    wait_for_models(client, 10)
+    assert client.get("/health").json["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_predict_waits_then_answers_503_while_loading(make_client) -> None:
@@ -195,3 +203,21 @@ def test_project_mode_from_setup_extra_params_changes_version_and_is_validated(m
         "/setup", json={"schema": CONFIG_ALL_OUTPUTS, "extra_params": {"prediction_mode": "psychic"}}
     )
     assert bad.status_code == 400 and "psychic" in bad.json["detail"]
+
+
+class _UnnamingDetector(BoxDetector):
+    """Reports, like GroundingDINO, boxes it is sure of but could not name."""
+
+    def detect_with_stats(self, image, prompts, box_threshold, text_threshold):
+        from backend.models.grounding_dino import DetectionStats
+
+        found = self.detect(image, prompts, box_threshold, text_threshold)
+        return found, DetectionStats(forwards=1, above_box_threshold=len(found) + 3, unmatched=3)
+
+
+def test_boxes_matching_no_label_phrase_are_counted_in_metrics(make_client) -> None:
+    client, _ = make_client(Settings(), _UnnamingDetector({"cat": [CAT_BOX]}), BoxFillSegmenter())
+    wait_for_models(client, 10)
+    response = client.post("/predict", json=_predict_body([image_task(1, 64, 48), image_task(2, 64, 48)]))
+    assert response.status_code == 200 and all(item["result"] for item in response.json["results"])
+    assert "gsb_unmatched_phrases_total 6.0" in client.get("/metrics").text

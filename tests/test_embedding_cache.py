@@ -390,3 +390,19 @@ def test_from_settings_converts_units() -> None:
     assert cache.max_bytes == 3 * 1024 * 1024
     assert cache.disk_dir is None
     assert cache.disk_max_bytes == 512 * 1024 * 1024
+
+
+def test_disk_tier_is_not_shared_across_dtypes(tmp_path: Path) -> None:
+    def settings(dtype: str) -> Settings:
+        return Settings(embedding_cache_dir=str(tmp_path), device="cpu", dtype=dtype)
+
+    fp32 = EmbeddingCache.from_settings(settings("float32"))
+    assert fp32.disk_namespace == "cpu/torch.float32"
+    embedding = ImageEmbedding("test/sam", (2, 2), {"image_embeddings": torch.zeros(2)})
+    fp32.get_or_compute("k", lambda: embedding)
+    bf16 = EmbeddingCache.from_settings(settings("bfloat16"))
+    bf16.get_or_compute("k", lambda: embedding)
+    assert bf16.disk_hits == 0 and bf16.computes == 1, "a bf16 process must not read fp32 files"
+    again = EmbeddingCache.from_settings(settings("float32"))
+    again.get_or_compute("k", never)
+    assert again.disk_hits == 1

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -700,9 +700,11 @@ def predict_instances(
     params: AutoParams,
     own_version: str,
     concept: ConceptSegmenter | None = None,
+    on_unmatched: Callable[[int], None] | None = None,
 ) -> list[Instance]:
     """All instances of one image under ``mode`` (see the module docstring for the rules);
-    ``concept`` (the SAM 3 route) takes the detector's place for the labels' instances."""
+    ``concept`` (the SAM 3 route) takes the detector's place for the labels' instances;
+    ``on_unmatched`` counts the detector's boxes that matched no label phrase."""
     mode = check_mode(mode)
     prompts = project.prompts_by_label()
     stuff = project.stuff_labels() if models.heatmapper is not None else frozenset()
@@ -720,7 +722,9 @@ def predict_instances(
             cache,
         )
     if mode != "everything" and things:
-        instances += find_instances(image, image_sha256, things, detector, segmenter, cache, pre_params, concept)
+        instances += find_instances(
+            image, image_sha256, things, detector, segmenter, cache, pre_params, concept, on_unmatched
+        )
     if mode != "grounded":
         automatic = generate_masks(image, image_sha256, segmenter, cache, params.everything)
         # in grounded+everything the grounded masks already carry the detector's labels, and

@@ -225,14 +225,16 @@ def find_instances(
     cache: EmbeddingCache,
     params: PreannotateParams,
     concept: ConceptSegmenter | None = None,
+    on_unmatched: Callable[[int], None] | None = None,
 ) -> list[Instance]:
     """The labels' instances on the configured route: the concept segmenter's when there is
-    one (``PIPELINE=sam3``), else the detector's boxes segmented by ``segmenter``."""
+    one (``PIPELINE=sam3``), else the detector's boxes segmented by ``segmenter``
+    (``on_unmatched`` as in :func:`preannotate`)."""
     if concept is not None:
         return preannotate_concepts(image, image_sha256, prompts_by_label, concept, cache, params)
     if detector is None:
         raise ValueError("the grounded route needs a detector (none was loaded)")
-    return preannotate(image, image_sha256, prompts_by_label, detector, segmenter, cache, params)
+    return preannotate(image, image_sha256, prompts_by_label, detector, segmenter, cache, params, on_unmatched)
 
 
 def finish_instances(instances: Iterable[Instance], params: PreannotateParams) -> list[Instance]:

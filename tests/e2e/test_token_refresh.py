@@ -186,21 +186,27 @@ def _forged(label_studio: LabelStudio, personal_access_token: str) -> str:
     return forged_jwt(jwt_claims(personal_access_token))
 
 
-@pytest.mark.parametrize("make_bad_token", [_revoked, _forged], ids=["revoked", "forged"])
+@pytest.mark.parametrize(
+    ("make_bad_token", "reason"),
+    [(_revoked, "Token is blacklisted"), (_forged, "Token is invalid")],
+    ids=["revoked", "forged"],
+)
 def test_revoked_or_forged_personal_access_token_is_a_clear_error(
     label_studio: LabelStudio,
     uploaded: list[UploadedImage],
     personal_access_token: str,
     make_bad_token: Callable[[LabelStudio, str], str],
+    reason: str,
 ) -> None:
     bad = make_bad_token(label_studio, personal_access_token)
     recording = recording_loader(label_studio, bad)
 
-    with pytest.raises(ImageLoadError, match=r"refused the personal access token .*\(HTTP 401\)") as refused:
+    with pytest.raises(ImageLoadError, match=rf"refused the personal access token .*\(HTTP 401: {reason}\)") as refused:
         recording.loader.load(uploaded[2].task, "image")
+    with pytest.raises(ImageLoadError, match=reason):  # the next task is refused without asking again
+        recording.loader.load(uploaded[1].task, "image")
 
     assert uploaded[2].task["data"]["image"] in str(refused.value)  # says which task and image
-    # Refused at the exchange every time, a bounded number of times (at most once per candidate
-    # URL), and no image request went out with the PAT or without a token.
-    assert recording.sent and all(s == Sent("POST", REFRESH_PATH, None, 401) for s in recording.sent)
-    assert len(recording.sent) <= 2, recording.sent
+    # Refused at the exchange once, remembered for the next task, and no image request went out
+    # with the PAT or without a token.
+    assert recording.sent == [Sent("POST", REFRESH_PATH, None, 401)], recording.sent
