@@ -53,7 +53,6 @@ import mimetypes
 import os
 import re
 import tempfile
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,7 +66,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from backend.labeling import OUTPUT_TYPES, OutputControl, ProjectConfig
-from backend.regions import Instance, decode_region_mask, encode_instance, mask_to_polygons
+from backend.regions import (
+    Instance,
+    decode_region_mask,
+    encode_instance,
+    join_split_results,
+    labelled_results,
+    mask_to_polygons,
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +234,10 @@ def _region_labels(result: Mapping[str, Any]) -> list[str]:
 
 def _output_regions(results: Iterable[Any], tid: int, config: ProjectConfig | None) -> list[Mapping[str, Any]]:
     """Regions this converter handles: brush, bitmask, polygon and rectangle labels on the
-    config's image; other results (choices, text, keypoints, relations) are not objects."""
+    config's image (a bare tool's result and its ``<Labels>`` result count as one region);
+    other results (choices, text, keypoints, relations) are not objects."""
     regions = []
-    for result in results:
+    for result in join_split_results(results):
         if not isinstance(result, Mapping) or result.get("type") not in OUTPUT_TYPES:
             continue
         if config is not None and result.get("to_name") not in (None, config.image_name):
@@ -281,7 +288,7 @@ def categories(tasks: Sequence[Task], config: ProjectConfig | None = None) -> li
         seen: set[str] = set()
         for task in tasks:
             for item in [*(task.get("annotations") or []), *(task.get("predictions") or [])]:
-                for result in (item.get("result") or []) if isinstance(item, Mapping) else []:
+                for result in join_split_results(item.get("result") or []) if isinstance(item, Mapping) else []:
                     if isinstance(result, Mapping) and result.get("type") in OUTPUT_TYPES:
                         seen.update(_region_labels(result))
         names = sorted(seen)
@@ -583,20 +590,11 @@ def _pick_control(config: ProjectConfig, label: str, shape: str, where: str) -> 
     raise CocoError(f"{where}: no output control for label {label!r}")  # unreachable: OUTPUT_TYPES
 
 
-def _polygon_region(
+def _polygon_results(
     ring: Sequence[float], control: OutputControl, label: str, width: int, height: int
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
     points = [[x * 100.0 / width, y * 100.0 / height] for x, y in zip(ring[0::2], ring[1::2], strict=True)]
-    return {
-        "id": uuid.uuid4().hex[:10],
-        "from_name": control.name,
-        "to_name": control.to_name,
-        "type": "polygonlabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"points": points, "closed": True, "polygonlabels": [label]},
-    }
+    return labelled_results(control, width, height, {"points": points, "closed": True}, label)
 
 
 def _coco_object_regions(
@@ -621,7 +619,8 @@ def _coco_object_regions(
         raise CocoError(f"{where}: the object has neither a segmentation nor a bbox")
     control = _pick_control(config, label, shape, where)
     if control.type == "polygonlabels" and shape in ("ring", "rings"):
-        return [_polygon_region(ring, control, label, width, height) for ring in _rings(segmentation, where)]
+        rings = _rings(segmentation, where)
+        return [result for ring in rings for result in _polygon_results(ring, control, label, width, height)]
     if control.type == "rectanglelabels" and isinstance(bbox, list) and len(bbox) == 4:
         x, y, w, h = (float(v) for v in bbox)
         box, mask = (x, y, x + w, y + h), None  # the stored box is exact; a mask's is pixel-snapped

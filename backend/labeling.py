@@ -15,11 +15,17 @@ A label's mode is ``thing`` (countable objects: detector boxes, one mask each) o
 (amorphous regions such as sky or road: CLIPSeg heatmaps, when ``CLIPSEG_MODEL`` is set).
 First that is set wins: ``LABEL_MODES`` environment JSON, the Label's ``mode="stuff"``
 attribute, ``thing``. ``mode`` is its own attribute because ``hint`` already carries prompts.
+
+Besides the ``*Labels`` output tags, a bare drawing tool (``<Brush>``, ``<Bitmask>``, ``<Polygon>``,
+``<Rectangle>``) is an output when a ``<Labels>`` tag on the same image carries the ``<Label>``
+values (the first such ``<Labels>``, config order). It becomes an ``OutputControl`` of the
+matching ``*labels`` type with ``labels_name`` set, so the pipelines treat both styles alike and
+only ``backend.regions`` writes (and reads back) Label Studio's two-result form of such regions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +34,8 @@ from label_studio_sdk.label_interface import LabelInterface
 MASK_TYPES = ("brushlabels", "bitmasklabels", "polygonlabels")
 LABEL_MODES = ("thing", "stuff")
 OUTPUT_TYPES = (*MASK_TYPES, "rectanglelabels")
+# bare tools whose regions take their label from a separate <Labels> tag ("bitmask" -> "bitmasklabels")
+SHAPE_TYPES = tuple(kind.removesuffix("labels") for kind in OUTPUT_TYPES)
 PROMPT_TYPES = ("keypointlabels", "rectanglelabels", "textarea")
 
 
@@ -53,10 +61,18 @@ class OutputControl:
     to_name: str
     labels: tuple[LabelSpec, ...]
     score_threshold: float | None = None  # the tag's model_score_threshold
+    # the separate <Labels> tag of a bare tool (<Bitmask> + <Labels>); None for a *Labels tag
+    labels_name: str | None = None
 
     @property
     def is_mask(self) -> bool:
         return self.type in MASK_TYPES
+
+    @property
+    def shape_type(self) -> str:
+        """The bare tool's result type (``"bitmask"`` for ``"bitmasklabels"``): the ``type`` of
+        the geometry result when Label Studio stores a region as two results."""
+        return self.type.removesuffix("labels")
 
     def label_values(self) -> tuple[str, ...]:
         return tuple(label.value for label in self.labels)
@@ -188,6 +204,25 @@ def _float_attr(control_name: str, attr: str, raw: Any) -> float | None:
         raise LabelConfigError(f"{attr}={raw!r} on control {control_name!r} is not a number") from exc
 
 
+def _labels_partners(controls: Sequence[Any], image_names: set[str]) -> dict[str, Any]:
+    """Image name -> the first ``<Labels>`` tag with ``<Label>`` values bound to it: where a bare
+    tool on that image takes its labels from (Label Studio labels a region drawn with the tool
+    with the label selected in that ``<Labels>``)."""
+    partners: dict[str, Any] = {}
+    for control in controls:
+        if control.tag.lower() == "labels" and control.labels_attrs:
+            for name in control.to_name or []:
+                if name in image_names:
+                    partners.setdefault(name, control)
+    return partners
+
+
+def _first_attr(name: str, *controls: Any) -> Any:
+    """The first of ``controls`` that sets attribute ``name`` gives it: a bare tool's own
+    ``model_skip`` / ``model_score_threshold`` win over those of its ``<Labels>``."""
+    return next((c.attr[name] for c in controls if c is not None and name in (c.attr or {})), None)
+
+
 def parse_label_config(
     xml: str, label_prompts: Mapping[str, Any] | None = None, label_modes: Mapping[str, Any] | None = None
 ) -> ProjectConfig:
@@ -207,6 +242,7 @@ def parse_label_config(
         )
     image_names = {img.name for img in images}
     overrides = label_prompts or {}
+    partners = _labels_partners(interface.controls, image_names)
 
     every_output: list[OutputControl] = []
     skipped_names: set[str] = set()
@@ -228,6 +264,10 @@ def parse_label_config(
             prompt_controls.append(
                 PromptControl(control.name, kind, to_name, tuple(label_tags))
             )
+        partner = partners.get(to_name) if kind in SHAPE_TYPES else None
+        if partner is not None:
+            kind, label_tags = f"{kind}labels", partner.labels_attrs
+            skipped = _truthy(_first_attr("model_skip", control, partner) or "false")
         if kind not in OUTPUT_TYPES:
             continue
         labels = tuple(
@@ -247,8 +287,9 @@ def parse_label_config(
                 to_name=to_name,
                 labels=labels,
                 score_threshold=_float_attr(
-                    control.name, "model_score_threshold", control.attr.get("model_score_threshold")
+                    control.name, "model_score_threshold", _first_attr("model_score_threshold", control, partner)
                 ),
+                labels_name=partner.name if partner is not None else None,
             )
         )
         if skipped:
@@ -259,8 +300,9 @@ def parse_label_config(
     if not outputs:
         raise LabelConfigError(
             "the label config has no <BrushLabels>, <BitmaskLabels>, <PolygonLabels> or "
-            "<RectangleLabels> with <Label> values bound to an <Image>; add one so the "
-            "backend knows what to find and where to put the masks"
+            "<RectangleLabels> with <Label> values bound to an <Image>, nor a <Brush>, <Bitmask>, "
+            "<Polygon> or <Rectangle> tag next to a <Labels> tag with <Label> values on that image; "
+            "add one so the backend knows what to find and where to put the masks"
         )
     image_name = outputs[0].to_name
     image = next(img for img in images if img.name == image_name)

@@ -191,7 +191,8 @@ class Predictor:
                 )
                 regions.extend(encoded)
                 for region in encoded:
-                    self.metrics.regions.labels(type=region["type"]).inc()
+                    if region["from_name"] == control.name:  # a bare tool's <Labels> result is no second region
+                        self.metrics.regions.labels(type=region["type"]).inc()
         return regions
 
     def predict_task(

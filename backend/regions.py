@@ -16,6 +16,14 @@ Formats, as the Label Studio frontend reads them:
   background (what the ``BitmaskLabels`` tag itself exports; it tests ``alpha > 0``).
 * polygon: Label Studio polygons have no holes, so each 8-connected part becomes one region
   (its outer boundary); holes are lost, which is why brush or bitmask is the lossless choice.
+
+A bare tool with a separate ``<Labels>`` tag (``OutputControl.labels_name``) is stored the way
+Label Studio's editor stores a region drawn with it (``Result.serialize`` in the editor): two
+results sharing one ``id``, the tool's (``type`` ``"bitmask"``, value = the geometry) and then
+the ``<Labels>``'s (``type`` ``"labels"``, value = the same geometry plus ``"labels"``). The editor
+builds one region from all results with the same ``id``, from the first one;
+label_studio_sdk's prediction validation (``LabelsTag.validate_value``) wants the geometry in the
+labels result too. ``join_split_results`` folds such pairs back into one ``*labels`` region.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import binascii
 import io
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as coco_mask
 
 from backend import brush_rle
-from backend.labeling import OutputControl
+from backend.labeling import SHAPE_TYPES, OutputControl
 
 Box = tuple[float, float, float, float]
 
@@ -62,17 +70,36 @@ def _region_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def _base_region(control: OutputControl, width: int, height: int, score: float) -> dict[str, Any]:
-    return {
+def labelled_results(
+    control: OutputControl,
+    width: int,
+    height: int,
+    geometry: Mapping[str, Any],
+    label: str,
+    score: float | None = None,
+) -> list[dict[str, Any]]:
+    """The result items of one region: ``geometry`` (its value without labels) under ``label``.
+
+    One ``*labels`` item for a ``*Labels`` control; for a bare tool, Label Studio's pair (tool
+    result, then labels result, one ``id``; see the module doc). No ``score`` key when
+    ``score`` is None (imported ground truth has none).
+    """
+    base: dict[str, Any] = {
         "id": _region_id(),
-        "from_name": control.name,
         "to_name": control.to_name,
-        "type": control.type,
         "original_width": width,
         "original_height": height,
         "image_rotation": 0,
-        "score": round(float(score), SCORE_DECIMALS),
     }
+    if score is not None:
+        base["score"] = round(float(score), SCORE_DECIMALS)
+    if control.labels_name is None:
+        value = {**geometry, control.type: [label]}
+        return [{**base, "from_name": control.name, "type": control.type, "value": value}]
+    return [
+        {**base, "from_name": control.name, "type": control.shape_type, "value": dict(geometry)},
+        {**base, "from_name": control.labels_name, "type": "labels", "value": {**geometry, "labels": [label]}},
+    ]
 
 
 def encode_instance(
@@ -86,7 +113,8 @@ def encode_instance(
     """Label Studio regions for one instance in ``control``'s format.
 
     Brush, bitmask and rectangle give at most one region; polygons give one region per
-    connected part whose pixel count is at least ``max(min_area, 1)``. An instance with an
+    connected part whose pixel count is at least ``max(min_area, 1)``. A region is one result,
+    or two for a bare tool with ``<Labels>`` (``labelled_results``). An instance with an
     empty mask (or an empty box) gives ``[]``, because Label Studio cannot show a region
     without pixels. ``polygon_tolerance`` is the Douglas-Peucker epsilon in pixels.
     """
@@ -101,30 +129,30 @@ def encode_instance(
         if not mask.any():
             return []
     if control.type == "rectanglelabels":
-        return _rectangle_regions(instance, control, mask, width, height)
-    if mask is None:
+        geometries = _rectangle_geometries(instance, mask, width, height)
+    elif mask is None:
         raise ValueError(f"a {control.type} output needs a mask; instance {instance.label!r} has none")
-    if control.type == "brushlabels":
-        value: dict[str, Any] = {"format": "rle", "rle": encode_brush_rle(mask)}
+    elif control.type == "brushlabels":
+        geometries = [{"format": "rle", "rle": encode_brush_rle(mask)}]
     elif control.type == "bitmasklabels":
-        value = {"imageDataURL": encode_bitmask_png(mask)}
+        geometries = [{"imageDataURL": encode_bitmask_png(mask)}]
     elif control.type == "polygonlabels":
-        return [
-            {
-                **_base_region(control, width, height, instance.score),
-                "value": {"points": points, "closed": True, "polygonlabels": [instance.label]},
-            }
-            for points in mask_to_polygons(mask, polygon_tolerance, min_area)
+        geometries = [
+            {"points": points, "closed": True} for points in mask_to_polygons(mask, polygon_tolerance, min_area)
         ]
     else:
         raise ValueError(f"cannot encode regions for control type {control.type!r}")
-    value[control.type] = [instance.label]
-    return [{**_base_region(control, width, height, instance.score), "value": value}]
+    return [
+        result
+        for geometry in geometries
+        for result in labelled_results(control, width, height, geometry, instance.label, instance.score)
+    ]
 
 
-def _rectangle_regions(
-    instance: Instance, control: OutputControl, mask: np.ndarray | None, width: int, height: int
+def _rectangle_geometries(
+    instance: Instance, mask: np.ndarray | None, width: int, height: int
 ) -> list[dict[str, Any]]:
+    """The mask's pixel bounds (or the clipped box without a mask) in percent; none when empty."""
     if mask is not None:
         rows = np.flatnonzero(mask.any(axis=1))
         cols = np.flatnonzero(mask.any(axis=0))
@@ -135,15 +163,15 @@ def _rectangle_regions(
         y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
         if x1 <= x0 or y1 <= y0:
             return []
-    value = {
-        "x": x0 / width * 100.0,
-        "y": y0 / height * 100.0,
-        "width": (x1 - x0) / width * 100.0,
-        "height": (y1 - y0) / height * 100.0,
-        "rotation": 0,
-        "rectanglelabels": [instance.label],
-    }
-    return [{**_base_region(control, width, height, instance.score), "value": value}]
+    return [
+        {
+            "x": x0 / width * 100.0,
+            "y": y0 / height * 100.0,
+            "width": (x1 - x0) / width * 100.0,
+            "height": (y1 - y0) / height * 100.0,
+            "rotation": 0,
+        }
+    ]
 
 
 def encode_brush_rle(mask: np.ndarray) -> list[int]:
@@ -217,6 +245,41 @@ def _simplify(points: np.ndarray, tolerance: float) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------- decoding
+
+
+def _result_kind(result: Any) -> str:
+    return str(result.get("type", "")).lower() if isinstance(result, Mapping) else ""
+
+
+def join_split_results(results: Iterable[Any]) -> list[Any]:
+    """``results`` with every Label Studio split pair folded into the ``*labels`` region it is.
+
+    A tool result (``brush``, ``bitmask``, ``polygon``, ``rectangle``) becomes ``<tool>labels``
+    carrying the labels of the ``labels`` results that share its ``id`` (none: an empty list,
+    an unlabelled region), and those ``labels`` results are dropped; everything else passes
+    unchanged, in order. Readers (exports, coverage, refinement) then handle both config styles
+    through one path, and the tool's own geometry is the one read.
+    """
+    results = list(results)
+    tool_ids = {r.get("id") for r in results if _result_kind(r) in SHAPE_TYPES and r.get("id") is not None}
+    labels_of: dict[Any, list[Any]] = {}
+    for result in results:
+        if _result_kind(result) == "labels" and result.get("id") in tool_ids:
+            value = result.get("value")
+            labels = value.get("labels") if isinstance(value, Mapping) else None
+            strings = [label for label in labels if isinstance(label, str)] if isinstance(labels, list) else []
+            labels_of.setdefault(result["id"], []).extend(strings)
+    joined: list[Any] = []
+    for result in results:
+        kind = _result_kind(result)
+        if kind in SHAPE_TYPES:
+            value = result.get("value")
+            labels = list(dict.fromkeys(labels_of.get(result.get("id"), [])))
+            geometry = dict(value) if isinstance(value, Mapping) else {}
+            joined.append({**result, "type": f"{kind}labels", "value": {**geometry, f"{kind}labels": labels}})
+        elif not (kind == "labels" and result.get("id") in tool_ids):
+            joined.append(result)
+    return joined
 
 
 def _original_size(result: dict[str, Any]) -> tuple[int, int]:

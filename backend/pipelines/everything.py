@@ -85,7 +85,7 @@ from backend.pipelines.preannotate import (
     preannotate_concepts,
     select_detections,
 )
-from backend.regions import Instance, decode_region_mask, remove_small_regions
+from backend.regions import Instance, decode_region_mask, join_split_results, remove_small_regions
 
 log = logging.getLogger(__name__)
 
@@ -608,7 +608,7 @@ def existing_masks(task: Mapping[str, Any], width: int, height: int, own_version
                 continue
             if key == "predictions" and entry.get("model_version") == own_version:
                 continue
-            for region in entry["result"]:
+            for region in join_split_results(entry["result"]):
                 if not isinstance(region, Mapping) or str(region.get("type", "")).lower() not in MASK_TYPES:
                     continue
                 if (region.get("original_width"), region.get("original_height")) != (width, height):

@@ -5,10 +5,12 @@ Rules (documented in the README):
   ``is_positive`` is false (Label Studio's UI, Alt-click), else when ``value.positive`` is false
   (the newest official backends' shape); ``is_positive`` wins when both are present.
 - Box: the last rectangle of the context (axis-aligned bounds when rotated).
-- Label: the label of the last labelled context item; with no label, the config's only mask
-  label, else a clear error asking to pick one.
-- Output control: the first mask control (Brush, Bitmask, Polygon) offering the label, in
-  config order; a RectangleLabels control when no mask control offers it.
+- Label: the label of the last labelled context item (a bare smart ``<KeyPoint>`` or
+  ``<Rectangle>`` sends its label as a separate ``labels`` item); with no label, the config's
+  only mask label, else a clear error asking to pick one.
+- Output control: the first mask control (Brush, Bitmask, Polygon, labelled or a bare tool with
+  ``<Labels>``) offering the label, in config order; a rectangle control when no mask control
+  offers it.
 - One positive point and nothing else: SAM's three candidates, the best predicted IoU wins.
 - Refinement memory: the previous answer's low-resolution logits for the same task, label and
   image are fed back as the mask prompt when the new clicks extend the previous ones.
@@ -37,7 +39,7 @@ from backend.embedding_cache import EmbeddingCache, cache_key
 from backend.labeling import MASK_TYPES, OutputControl, ProjectConfig, split_prompt
 from backend.models.base import Box, ConceptSegmenter, Detector, ImageEmbedding, PromptSet, Segmenter
 from backend.pipelines.preannotate import PreannotateParams, find_instances
-from backend.regions import Instance, decode_region_mask
+from backend.regions import Instance, decode_region_mask, join_split_results
 
 
 class InteractiveError(ValueError):
@@ -154,7 +156,7 @@ def parse_context(context: Mapping[str, Any], project: ProjectConfig, width: int
             joined = " . ".join(t for t in texts if isinstance(t, str)) if isinstance(texts, list) else ""
             text = joined.strip() or None
             continue
-        else:
+        elif kind != "labels":  # a labels item names the label of a bare smart tool's click or box
             continue
         label = _item_label(item) or label
     if points and box is None and 1 not in labels:
@@ -210,7 +212,8 @@ class RefinementMemory:
 
 
 def _task_regions(task: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """Regions of the task's drafts, then annotations, then predictions (newest work first)."""
+    """Regions of the task's drafts, then annotations, then predictions (newest work first); a
+    bare tool's result and its ``<Labels>`` result are one labelled region."""
     for key in ("drafts", "annotations", "predictions"):
         entries = task.get(key)
         if not isinstance(entries, list):
@@ -218,7 +221,7 @@ def _task_regions(task: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
         for entry in reversed(entries):
             result = entry.get("result") if isinstance(entry, Mapping) else None
             if isinstance(result, list):
-                yield from (r for r in result if isinstance(r, Mapping))
+                yield from (r for r in join_split_results(result) if isinstance(r, Mapping))
 
 
 def find_existing_mask(

@@ -21,11 +21,12 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from backend.regions import decode_region_mask
+from backend.labeling import parse_label_config
+from backend.regions import Instance, decode_region_mask, encode_instance
 
 from .backend_server import BackendServer
 from .conftest import LabelStudio
-from .grounded_project import PreannotatedProject, create_preannotated_project, label_config
+from .grounded_project import PreannotatedProject, create_preannotated_project, label_config, write_images
 from .label_studio import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +48,12 @@ CHROMIUM_ARGS = [
 # renders only the rows that fit on screen.
 CONFIG = label_config("brush", "bitmask", "box")
 NODE_TYPES = {"brushlabels": "brushregion", "bitmasklabels": "bitmaskregion", "rectanglelabels": "rectangleregion"}
+# a bare tool labelled by a separate <Labels>: Label Studio keeps each region as two results.
+# smoothing="false", as the Bitmask tag's documentation asks: mask pixels drawn as crisp squares
+BARE_BITMASK_CONFIG = """<View><Image name="image" value="$image" smoothing="false"/>
+  <Labels name="label" toName="image"><Label value="cat"/><Label value="dog"/></Labels>
+  <Bitmask name="mask" toName="image"/>
+</View>"""
 PAGE_TIMEOUT_MS = 120_000  # the first page load compiles Label Studio's bundle on a busy 2-core machine
 MIN_BITMASK_IOU = 0.9  # measured 0.997: only the anti-aliased mask edges differ
 
@@ -119,6 +126,13 @@ def _drawn_mask(with_masks: np.ndarray, without: np.ndarray, width: int, height:
     return changed[np.ix_(ys, xs)]
 
 
+def _open_task(page: Page, label_studio: LabelStudio, project_id: int, task_id: int) -> None:
+    _log_in(page, label_studio)
+    page.goto(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
+    page.wait_for_selector(".konvajs-content canvas", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_selector(".lsf-outliner .lsf-tree__node", timeout=PAGE_TIMEOUT_MS)
+
+
 def test_labeling_page_lists_predicted_regions_and_draws_the_bitmask(
     browser: Browser, label_studio: LabelStudio, project: PreannotatedProject
 ) -> None:
@@ -133,10 +147,7 @@ def test_labeling_page_lists_predicted_regions_and_draws_the_bitmask(
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     try:
-        _log_in(page, label_studio)
-        page.goto(f"{label_studio.url}/projects/{project.id}/data?task={task_id}")
-        page.wait_for_selector(".konvajs-content canvas", timeout=PAGE_TIMEOUT_MS)
-        page.wait_for_selector(".lsf-outliner .lsf-tree__node", timeout=PAGE_TIMEOUT_MS)
+        _open_task(page, label_studio, project.id, task_id)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "label-studio-labeling-page.png"))
         assert Counter(_listed_regions(page)) == expected, f"page errors: {errors}"
@@ -154,4 +165,42 @@ def test_labeling_page_lists_predicted_regions_and_draws_the_bitmask(
         if region["type"] == "bitmasklabels":
             stored |= np.asarray(decode_region_mask(region), dtype=bool)
     iou = (drawn & stored).sum() / max((drawn | stored).sum(), 1)
+    assert iou >= MIN_BITMASK_IOU, f"bitmask drawn vs stored IoU {iou:.3f}; page errors: {errors}"
+
+
+def test_labeling_page_shows_a_bitmask_and_labels_pair_as_one_labelled_bitmask(
+    browser: Browser, label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    api = label_studio.api
+    # the portrait EXIF image, as in the test above: _drawn_mask's stage mapping is measured on it
+    image = write_images(tmp_path_factory.mktemp("bare-bitmask"))[2]
+    width, height = image.displayed
+    project_id = api.create_project("bare bitmask browser", BARE_BITMASK_CONFIG)["id"]
+    api.import_files(project_id, [image.path])
+    (task,) = api.list_tasks(project_id)
+    mask = np.zeros((height, width), dtype=bool)
+    mask[10:60, 5:35] = True
+    mask[25:40, 12:24] = False  # a hole
+    control = parse_label_config(BARE_BITMASK_CONFIG).outputs[0]
+    # "cat": its label colour stands out on every part of the picture (the diff must see it)
+    results = encode_instance(Instance("cat", 0.87, (5, 10, 35, 60), mask), control, width, height)
+    prediction = {"task": task["id"], "result": results, "score": 0.87, "model_version": "pair"}
+    api.request("POST", "/api/predictions/", json=prediction)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        _open_task(page, label_studio, project_id, task["id"])
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "label-studio-bare-bitmask.png"))
+        # one region, not two: the editor joined the pair by its id and took the label from <Labels>
+        assert _listed_regions(page) == [("bitmaskregion", "cat", "0.87")], f"page errors: {errors}"
+        shown = _stage_pixels(page)
+        _toggle_visibility(page, {"bitmaskregion"})
+        drawn = _drawn_mask(shown, _stage_pixels(page), width, height)
+        Image.fromarray(drawn).save(ARTIFACTS / "label-studio-bare-bitmask-drawn.png")
+    finally:
+        page.close()
+    iou = (drawn & mask).sum() / max((drawn | mask).sum(), 1)
     assert iou >= MIN_BITMASK_IOU, f"bitmask drawn vs stored IoU {iou:.3f}; page errors: {errors}"
