@@ -29,6 +29,7 @@ BENCHES: dict[str, list[str]] = {
 TITLES = {
     "interactive": "Clicks (bench/interactive.py)",
     "preannotate": "Pre-annotation (bench/preannotate.py)",
+    "everything": "Segment everything (bench/everything.py)",
     "zoo": "Model routes (bench/zoo.py)",
 }
 
