@@ -119,9 +119,9 @@ class Predictor:
 
     def remember_text_prompt(self, project_key: str | None, label: str, text: str) -> None:
         """Keep ``text`` as the project's phrase for ``label`` (most recent projects only)."""
-        phrases = split_prompt(text) or (text.strip(),)
-        if not self.settings.remember_text_prompt or project_key is None or not phrases[0]:
+        if not self.settings.remember_text_prompt or project_key is None:
             return
+        phrases = split_prompt(text) or (text,)
         with self._text_prompts_lock:
             self._text_prompts[project_key] = (label, phrases)
             self._text_prompts.move_to_end(project_key)
