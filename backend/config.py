@@ -60,7 +60,7 @@ class Settings:
     min_region_area: int = 0  # pixels; 0 keeps every island and hole
     polygon_tolerance: float = 1.0  # pixels (Douglas-Peucker epsilon)
     max_detections: int = 100
-    segmenter_batch_size: int = 0  # prompt sets per SAM decoder call; 0: by device (CPU 1, CUDA 16)
+    segmenter_batch_size: int = 0  # prompt sets per SAM decoder call; 0: by device (CPU 1, CPU with bf16 2, CUDA 16)
     refine_existing: bool = True  # a click inside an existing same-label region refines it
     remember_text_prompt: bool = False  # the project's last smart-TextArea phrase re-applies to its next tasks
     # prediction mode and "segment everything" (segment-anything's automatic mask generator)

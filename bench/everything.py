@@ -21,9 +21,10 @@ next to the raw model forwards measured by forward hooks in the same run (the Vi
 the floor, and total / floor is what the pipeline adds.
 
 Variants ``DTYPE[:BATCH[:THREADS]]`` (as ``DTYPE=``, ``SEGMENTER_BATCH_SIZE=`` -- 0: by
-device, one prompt per decoder call on CPU -- and ``TORCH_THREADS=`` -- 0: torch's default)
-switch the one loaded segmenter's compute dtype, batch size and torch's thread count; they run
-alternately (A B, B A, A B...) for ``--rounds`` rounds.
+device and dtype, on CPU one prompt per decoder call in float32 and two with bfloat16 -- and
+``TORCH_THREADS=`` -- 0: torch's default) switch the one loaded segmenter's compute dtype,
+batch size and torch's thread count; they run alternately (A B, B A, A B...) for ``--rounds``
+rounds.
 
 Random weights decide nothing about speed, but they decide how many candidates pass the
 filters, which sets the post-processing cost; so a second run keeps every candidate (both
@@ -108,7 +109,7 @@ def _variant(spec: str) -> tuple[str, int, int]:
 def _configure(segmenter: TimedSegmenter, dtype: str, batch: int, threads: int) -> None:
     """Point the loaded adapter at a variant (weights stay float32; the dtype is autocast)."""
     segmenter.inner.dtype = resolve_dtype(dtype, "cpu")
-    segmenter.inner.max_batch_size = resolve_batch_size(batch, "cpu")
+    segmenter.inner.max_batch_size = resolve_batch_size(batch, "cpu", segmenter.inner.dtype)
     torch.set_num_threads(threads or DEFAULT_THREADS)
 
 
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--worst-points-per-side", type=int, default=8)
     parser.add_argument("--points-per-batch", type=int, default=64)
-    parser.add_argument("--decoder-batch", type=int, default=0, help="SEGMENTER_BATCH_SIZE (0: by device)")
+    parser.add_argument("--decoder-batch", type=int, default=0, help="SEGMENTER_BATCH_SIZE (0: by device and dtype)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--variants",

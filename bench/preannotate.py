@@ -167,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1, help="naive runs (ours runs one more); 0: ours once")
     parser.add_argument("--box-rounds", type=int, default=3, help="rounds of the 16-box comparison (0: skip)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 16])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--torch-threads", type=int, default=0)
     parser.add_argument("--detector-max-size", type=int, default=0)
@@ -191,7 +191,7 @@ def main() -> None:
     rss_loaded = peak_rss_mb()
     print(f"models loaded in {load_s:.1f} s, peak RSS {rss_loaded:.0f} MiB", flush=True)
     detector, segmenter = FixedBoxes(bundle.detector), bundle.segmenter
-    batch_size = segmenter.max_batch_size  # SEGMENTER_BATCH_SIZE as resolved for this device
+    batch_size = segmenter.max_batch_size  # SEGMENTER_BATCH_SIZE as resolved for this device and dtype
     timer = ForwardTimer(
         {"detector": detector.inner.model, "encoder": segmenter.model.vision_encoder, "decoder": segmenter.model}
     )

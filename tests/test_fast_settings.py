@@ -178,14 +178,38 @@ def test_decoder_batch_size_does_not_change_the_masks(sam_dir, image):
 
 
 def test_segmenter_batch_size_defaults_by_device(sam_dir):
-    """Per-box calls on CPU (measured faster there), batches of 16 on CUDA; explicit wins."""
+    """Per-box calls on CPU in float32 and two per call with bfloat16 (each measured fastest
+    there), batches of 16 on CUDA; explicit wins."""
     assert Settings().segmenter_batch_size == 0
     assert resolve_batch_size(0, "cpu") == 1
+    assert resolve_batch_size(0, "cpu", torch.float32) == 1
+    assert resolve_batch_size(0, "cpu", torch.bfloat16) == 2
     assert resolve_batch_size(0, "cuda:0") == 16
+    assert resolve_batch_size(0, "cuda:0", torch.bfloat16) == 16
     assert resolve_batch_size(4, "cpu") == 4
+    assert resolve_batch_size(4, "cpu", torch.bfloat16) == 4
     with pytest.raises(ValueError, match="SEGMENTER_BATCH_SIZE"):
         resolve_batch_size(-1, "cpu")
-    assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu")).max_batch_size == 1
+    assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="float32")).max_batch_size == 1
+    assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="bfloat16")).max_batch_size == 2
+    assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="bfloat16",
+                                   segmenter_batch_size=1)).max_batch_size == 1
+
+
+def test_bf16_decoder_batch_of_two_matches_one_per_call(sam_dir, image):
+    """The bfloat16 default (two prompt sets per decoder call) draws the masks one call per
+    prompt set draws, within bfloat16 rounding."""
+    prompts = [PromptSet(box=box) for box in BOXES] + [PromptSet(points=[(40.0, 30.0)], point_labels=[1])]
+    segmenter = load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="bfloat16"))
+    assert segmenter.max_batch_size == 2
+    embedding = segmenter.embed(image)
+    paired = segmenter.segment(embedding, prompts)
+    segmenter.max_batch_size = 1
+    single = segmenter.segment(embedding, prompts)
+    for one, two in zip(single, paired, strict=True):
+        assert one.mask.any()
+        assert (one.mask == two.mask).mean() >= 0.99
+        assert one.score == pytest.approx(two.score, abs=0.05)
 
 
 # -- TORCH_THREADS and DETECTOR_MAX_SIZE ---------------------------------------------------------

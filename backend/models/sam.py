@@ -172,19 +172,24 @@ def upsample_padded_logits(
     return framed[0, 0] > 0
 
 
-def resolve_batch_size(max_batch_size: int, device: str) -> int:
-    """``SEGMENTER_BATCH_SIZE``: prompt sets per decoder call, 0 choosing by device.
+def resolve_batch_size(max_batch_size: int, device: str, dtype: torch.dtype = torch.float32) -> int:
+    """``SEGMENTER_BATCH_SIZE``: prompt sets per decoder call, 0 choosing by device and dtype.
 
-    On CPU one per call: every prompt set gets its own copy of the 64x64x256 image embedding
-    inside the decoder, and 16 copies no longer fit the CPU caches -- 16 boxes on SAM ViT-B
-    took 1.19 s as 16 calls and 2.05 s as one call (2 cores, bench/NOTES.md). On CUDA a
-    batch fills the GPU: 16.
+    On CPU every prompt set gets its own copy of the 64x64x256 image embedding inside the
+    decoder, and large batches of copies fall out of the CPU caches (bench/NOTES.md, SAM ViT-B,
+    2 cores). In float32 one per call is fastest (16 boxes: 1.19 s as 16 calls, 2.05 s as one
+    on an AVX2 EPYC; 2 per call 1.07-1.10x the time of 1 on an AMX Xeon). With bfloat16
+    autocast, whose copies are half the size, two per call is (AMX Xeon, 16 boxes: 2 per call
+    0.85-0.90x the time of 1, 4 per call 0.84-1.03x, 16 per call 1.4-1.7x). On CUDA a batch
+    fills the GPU: 16.
     """
     if max_batch_size < 0:
-        raise ValueError(f"SEGMENTER_BATCH_SIZE must be >= 0 (0: by device), got {max_batch_size}")
+        raise ValueError(f"SEGMENTER_BATCH_SIZE must be >= 0 (0: by device and dtype), got {max_batch_size}")
     if max_batch_size:
         return max_batch_size
-    return 1 if torch.device(device).type == "cpu" else 16
+    if torch.device(device).type != "cpu":
+        return 16
+    return 2 if dtype == torch.bfloat16 else 1
 
 
 T = TypeVar("T")
@@ -218,7 +223,7 @@ class SamSegmenter:
     float32; ``dtype`` is the compute dtype (autocast, see ``loading.inference_context``).
     ``max_batch_size`` bounds how many prompt sets share one decoder call (memory grows with
     it: each one gets its own copy of the image embedding inside the decoder); 0 picks it by
-    device (:func:`resolve_batch_size`).
+    device and dtype (:func:`resolve_batch_size`).
     """
 
     def __init__(
@@ -230,7 +235,7 @@ class SamSegmenter:
         model_type: str | None = None,
     ) -> None:
         device = resolve_device(device)
-        max_batch_size = resolve_batch_size(max_batch_size, device)
+        max_batch_size = resolve_batch_size(max_batch_size, device, dtype)
         if model_type is None:
             model_type = load_pretrained(AutoConfig, model_id, what="segmenter config").model_type
         if model_type not in _FAMILIES:

@@ -166,7 +166,7 @@ class SamCheckpointSegmenter:
         self.model_id = checkpoint
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.max_batch_size = resolve_batch_size(max_batch_size, self.device)
+        self.max_batch_size = resolve_batch_size(max_batch_size, self.device, dtype)
         state_dict = read_state_dict(checkpoint)
         self.variant = encoder_shape(state_dict).variant
         self.model: Sam = build_sam(state_dict, checkpoint).to(self.device)
