@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.config import ConfigError, Settings
 from backend.deferred import BatchContext, DeferredPredictions, predict_within_budget
+from backend.fast_json import OrjsonProvider
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.logs import install_request_context
 from backend.metrics import CONTENT_TYPE, Metrics, webhook_action_label
@@ -82,6 +83,16 @@ def _error(status: int, detail: str) -> tuple[Response, int]:
 
 
 def _json_body() -> dict[str, Any]:
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(request.get_data(cache=True)) >= limit:
+        # A chunked body has no Content-Length for werkzeug to refuse up front; its stream stops
+        # silently at the limit, which would read as truncated JSON. Reaching the limit is all a
+        # capped stream can tell, so a body of exactly the limit is refused too.
+        raise ApiError(
+            413,
+            f"the request body reaches MAX_REQUEST_MB={limit // (1024 * 1024)} ({limit} bytes); "
+            "send fewer or smaller tasks or raise the limit",
+        )
     try:
         body = request.get_json(silent=True)
     except RecursionError as exc:  # the C decoder's depth guard; not a ValueError, so not silenced
@@ -152,6 +163,7 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
     settings = settings or Settings.from_env()
     state = BackendState(settings, predictor_factory or default_predictor_factory)
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     app.extensions["backend_state"] = state
     install_request_context()
@@ -206,16 +218,17 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
     @app.get("/")
     def health() -> Response:
         runtime = state.runtime
+        route = route_info(state)  # the loaded models once ready: the sam3 route has no detector
         return jsonify(
             {
                 "status": "UP",
                 "model_class": "GroundedSAM",
                 "model_state": runtime.state,
                 "error": runtime.error,
-                "detector": settings.detector_model,
-                "segmenter": settings.segmenter_model,
+                "detector": route["models"].get("detector"),
+                "segmenter": route["models"].get("segmenter"),
                 "device": settings.device,
-                **route_info(state),
+                **route,
             }
         )
 
@@ -269,7 +282,9 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
         creds = project_setup.credentials
         context = body.context
         try:
-            if context and (context.get("result") or context.get("event") == "prewarm"):
+            # Label Studio's batch requests carry context null; any context at all is a click
+            # (even an empty one, which parse_context answers with what is missing)
+            if context is not None:
                 if len(tasks) != 1:
                     raise ApiError(400, f"an interactive request must hold exactly one task, got {len(tasks)}")
                 results = [

@@ -27,10 +27,12 @@ Conventions (the README's export section points here):
 * Segmentation: brush / bitmask -> compressed RLE, exact (``segmentation="polygon"``: one
   outer ring per 8-connected part from ``backend.regions.mask_to_polygons``, holes filled,
   lossy); polygons -> the annotator's vertices; rectangles -> their four corners (rotation
-  applied). Vertex coordinates are pixels rounded to 1e-4 (``COORD_DECIMALS``).
-* ``area`` is always the pixel count of pycocotools' rasterisation of the segmentation;
-  ``bbox`` is pycocotools' ``toBbox`` of the mask for RLE, and the vertex extents for
-  polygons (as in the original COCO annotations), so rectangles keep sub-pixel boxes.
+  applied: top-left corner first, then clockwise on screen). Vertex coordinates are pixels
+  rounded to 1e-4 (``COORD_DECIMALS``).
+* ``area`` and ``bbox`` are the pixel count and pycocotools' ``toBbox`` of one mask, the
+  pycocotools rasterisation of the segmentation, so they always agree and stay inside the
+  image (a rotated rectangle reaching past the edge gets the box of its visible part); the
+  exact, sub-pixel vertices are in the segmentation.
 * Which annotation per task: ``latest`` (newest ``updated_at``/``created_at``, then highest
   id), ``all``, or ``ground-truth`` (the task's ground-truth annotation; tasks without one
   are left out). Cancelled (skipped) annotations never count. A task is an image of the
@@ -38,8 +40,18 @@ Conventions (the README's export section points here):
 * Predictions become a COCO *results* list (always RLE, as COCOeval's ``loadRes`` expects);
   the score is the region's ``score``, else the prediction's, else 1.0.
 
+Import (``coco_to_ls``) keeps each object exactly where the label config has a control for its
+shape: a mask becomes the pycocotools rasterisation of its RLE or polygons, a polygon keeps its
+vertices, and a rectangle's ring gives back x / y / width / height / rotation
+(``_rectangle_value``); a mask that only a polygon control can take is traced (lossy).
+
 Round trip: ``ls_to_coco`` -> ``coco_to_ls(..., as_annotations=True)`` -> ``ls_to_coco`` gives
-the same dataset for RLE output (and for polygons and axis-aligned rectangles in either mode).
+the identical dataset with RLE output (the default), for every region type. With
+``segmentation="polygon"`` polygons and rectangles come back identical too, but brush and
+bitmask regions do not: their rings are traced again from the imported mask (the rasterised
+rings), and tracing a rasterised, simplified outline does not give that outline back (holes
+filled, a new Douglas-Peucker pass on a different staircase). Repeating the round trip need
+not settle either, so polygon output is for training, not for archiving Label Studio masks.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import copy
 import io
 import json
 import logging
+import math
 import mimetypes
 import os
 import re
@@ -60,6 +73,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
@@ -67,6 +81,7 @@ from pycocotools.cocoeval import COCOeval
 
 from backend.labeling import OUTPUT_TYPES, OutputControl, ProjectConfig
 from backend.regions import (
+    MAX_VERTEX_SPAN,
     Instance,
     decode_region_mask,
     encode_instance,
@@ -80,6 +95,7 @@ log = logging.getLogger(__name__)
 SEGMENTATION_MODES = ("rle", "polygon")
 ANNOTATION_CHOICES = ("latest", "all", "ground-truth")
 COORD_DECIMALS = 4  # pixel coordinates of vertices; survives the percent round trip exactly
+_COORD_HALF_STEP = 0.5 * 10.0**-COORD_DECIMALS  # how far rounding may have moved a coordinate
 DEFAULT_MODEL_VERSION = "coco-import"
 _MASK_TYPES = ("brushlabels", "bitmasklabels")
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(?=.)")
@@ -313,14 +329,13 @@ def _rounded(values: Iterable[float]) -> list[float]:
 
 
 def _polygon_geometry(rings: list[list[float]], width: int, height: int) -> _Geometry:
-    rles = coco_mask.frPyObjects(rings, height, width)
-    xs = [x for ring in rings for x in ring[0::2]]
-    ys = [y for ring in rings for y in ring[1::2]]
-    x0, y0 = min(xs), min(ys)
+    """The rings as they are, with ``area`` and ``bbox`` of pycocotools' rasterisation, so both
+    describe the same pixels (a region reaching outside the image gets a box clipped to it)."""
+    merged = coco_mask.merge(coco_mask.frPyObjects(rings, height, width))
     return _Geometry(
         segmentation=rings,
-        area=int(coco_mask.area(coco_mask.merge(rles))),
-        bbox=_rounded([x0, y0, max(xs) - x0, max(ys) - y0]),
+        area=int(coco_mask.area(merged)),
+        bbox=[float(v) for v in coco_mask.toBbox(merged)],
     )
 
 
@@ -329,14 +344,90 @@ def _percent_ring(points: Iterable[Sequence[float]], width: int, height: int) ->
 
 
 def _rectangle_ring(value: Mapping[str, Any], width: int, height: int) -> list[float]:
+    """Corners of a Label Studio rectangle in pixels: top-left corner, then clockwise on screen.
+
+    Label Studio rotates clockwise (y down) about the top-left corner. The corner and the two
+    edge vectors are rounded (not the four corners independently), so the ring is an exact
+    parallelogram at ``COORD_DECIMALS`` and ``_rectangle_value`` can find a rectangle that
+    gives this very ring again.
+    """
     x, y = value["x"] * width / 100.0, value["y"] * height / 100.0
     w, h = value["width"] * width / 100.0, value["height"] * height / 100.0
-    corners = np.array([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]])
-    angle = np.radians(float(value.get("rotation") or 0.0))
-    if angle:  # Label Studio rotates clockwise (y down) about the top-left corner
-        cos, sin = np.cos(angle), np.sin(angle)
-        corners = corners @ np.array([[cos, sin], [-sin, cos]])
-    return _rounded((corners + (x, y)).ravel())
+    angle = math.radians(float(value.get("rotation") or 0.0))
+    cos, sin = math.cos(angle), math.sin(angle)
+    origin = np.array(_rounded((x, y)))
+    along, across = np.array(_rounded((w * cos, w * sin))), np.array(_rounded((-h * sin, h * cos)))
+    return _rounded(np.concatenate([origin, origin + along, origin + along + across, origin + across]))
+
+
+def _simplest(lo: float, hi: float) -> float:
+    """The number with the fewest decimals in the middle half of ``[lo, hi]``: a rotation of 30
+    degrees comes back as 30.0, not 29.99999871, and the margin keeps it clear of the ends."""
+    quarter = (float(hi) - float(lo)) / 4.0
+    lo, hi = float(lo) + quarter, float(hi) - quarter
+    middle = (lo + hi) / 2.0
+    for digits in range(13):
+        candidate = round(middle, digits)
+        if lo <= candidate <= hi:
+            return candidate + 0.0
+    return middle
+
+
+def _direction_range(vector: np.ndarray) -> tuple[float, float, float]:
+    """Direction of ``vector`` (radians) and the offsets to the smallest and largest direction
+    of any vector that rounds to it (its rounding cell, which does not contain the origin)."""
+    cell = vector + _COORD_HALF_STEP * np.array([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])
+    offsets = np.arctan2(vector[0] * cell[:, 1] - vector[1] * cell[:, 0], cell @ vector)
+    return math.atan2(vector[1], vector[0]), float(offsets.min()), float(offsets.max())
+
+
+def _length_range(target: np.ndarray, direction: np.ndarray) -> tuple[float, float]:
+    """Lengths ``t`` for which ``t * direction`` rounds to ``target`` (one interval per axis)."""
+    lo, hi = 0.0, math.inf
+    for component, step in zip(target, direction, strict=True):
+        if step:
+            ends = sorted(((component - _COORD_HALF_STEP) / step, (component + _COORD_HALF_STEP) / step))
+            lo, hi = max(lo, ends[0]), min(hi, ends[1])
+    return lo, hi
+
+
+def _rectangle_value(ring: Sequence[float], width: int, height: int) -> dict[str, float] | None:
+    """The Label Studio rectangle (``x``, ``y``, ``width``, ``height`` in percent, ``rotation``
+    in degrees) whose ``_rectangle_ring`` is ``ring``; None when the ring is not a rectangle.
+
+    The top-left corner is the ring's first vertex. The rounded edge vectors only bound the
+    rotation to an interval per edge; a rotation in both intervals (the true one is) with
+    lengths inside the edges' rounding cells reproduces every rounded corner exactly, which a
+    rotation taken from one edge alone does not (about half of random rotated rectangles).
+    A ring traversed the other way round is read from its first vertex backwards.
+    """
+    corners = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+    if len(corners) != 4:
+        return None
+    along, across = np.array(_rounded(corners[1] - corners[0])), np.array(_rounded(corners[3] - corners[0]))
+    if along[0] * across[1] - along[1] * across[0] < 0:
+        along, across = across, along
+    if _rounded(corners[0] + along + across) != _rounded(corners[2]):
+        return None  # not a parallelogram
+    if min(np.abs(along).max(), np.abs(across).max()) <= _COORD_HALF_STEP:
+        return None  # an edge of zero length: no direction to take the rotation from
+    angle, lo, hi = _direction_range(along)
+    across_angle, across_lo, across_hi = _direction_range(across)
+    shift = (across_angle - math.pi / 2.0 - angle + math.pi) % (2.0 * math.pi) - math.pi
+    lo, hi = max(lo, shift + across_lo), min(hi, shift + across_hi)
+    if lo > hi:
+        return None  # the edges are not perpendicular
+    rotation = _simplest(math.degrees(angle + lo), math.degrees(angle + hi)) % 360.0
+    cos, sin = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    w = _simplest(*_length_range(along, np.array([cos, sin])))
+    h = _simplest(*_length_range(across, np.array([-sin, cos])))
+    return {
+        "x": float(corners[0, 0]) * 100.0 / width,
+        "y": float(corners[0, 1]) * 100.0 / height,
+        "width": w * 100.0 / width,
+        "height": h * 100.0 / height,
+        "rotation": rotation,
+    }
 
 
 def _region_mask(result: Mapping[str, Any], where: str) -> np.ndarray:
@@ -372,7 +463,7 @@ def _geometry(
         if isinstance(exc, CocoError):
             raise
         raise CocoError(f"{where}: malformed {kind} value ({exc!r})") from exc
-    return _polygon_geometry([ring], width, height)
+    return _polygon_geometry(_checked_vertices([ring], width, height, where), width, height)
 
 
 def _region_where(tid: int, result: Mapping[str, Any], source: str) -> str:
@@ -530,22 +621,34 @@ def ls_to_coco_results(
 # --------------------------------------------------------------------------- import
 
 
+def _checked_rle(segmentation: Mapping[str, Any], width: int, height: int, where: str) -> dict[str, Any]:
+    """A COCO RLE (compressed, or uncompressed ``counts`` list) as pycocotools' compressed RLE,
+    after checking that it covers the image: pycocotools itself would decode a mask of the
+    wrong size, or compare it with the image's other masks as if nothing overlapped (AP 0)."""
+    size = segmentation.get("size")
+    if not isinstance(size, list) or size != [height, width]:
+        raise CocoError(f"{where}: RLE size {size} does not match the image's [height, width] = {[height, width]}")
+    counts = segmentation.get("counts")
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise CocoError(f"{where}: RLE counts must be non-negative integers")
+        if sum(counts) != width * height:
+            raise CocoError(f"{where}: RLE counts cover {sum(counts)} pixels, not {width * height}")
+        return coco_mask.frPyObjects(dict(segmentation), height, width)
+    if not isinstance(counts, str | bytes) or not counts:
+        raise CocoError(f"{where}: RLE counts must be a compressed string or a list of run lengths")
+    return {"size": [height, width], "counts": counts}
+
+
 def segmentation_to_mask(segmentation: Any, width: int, height: int, where: str) -> np.ndarray:
     """Boolean mask of a COCO segmentation (polygons, uncompressed or compressed RLE)."""
     if isinstance(segmentation, dict):
-        size = segmentation.get("size")
-        if list(size or []) != [height, width]:
-            raise CocoError(f"{where}: RLE size {size} does not match the image's [height, width] = {[height, width]}")
-        rle = segmentation
-        if isinstance(segmentation.get("counts"), list):
-            if sum(segmentation["counts"]) != width * height:
-                raise CocoError(f"{where}: RLE counts cover {sum(segmentation['counts'])} pixels, not {width * height}")
-            rle = coco_mask.frPyObjects(segmentation, height, width)
+        rle = _checked_rle(segmentation, width, height, where)
         try:
             return coco_mask.decode(rle).astype(bool)
         except Exception as exc:  # pycocotools raises bare ValueError / TypeError variants
             raise CocoError(f"{where}: cannot decode the RLE: {exc}") from exc
-    rings = _rings(segmentation, where)
+    rings = _rings(segmentation, width, height, where)
     return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(rings, height, width))).astype(bool)
 
 
@@ -555,18 +658,29 @@ def object_mask(obj: Mapping[str, Any], width: int, height: int, where: str) -> 
     if segmentation:
         return segmentation_to_mask(segmentation, width, height, where)
     bbox = obj.get("bbox")
-    if not isinstance(bbox, list) or len(bbox) != 4:
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
         raise CocoError(f"{where}: the object has neither a segmentation nor a bbox")
-    rles = coco_mask.frPyObjects([[float(v) for v in bbox]], height, width)
+    rles = coco_mask.frPyObjects(np.array([bbox], dtype=np.float64), height, width)  # boxes: an array, not lists
     return coco_mask.decode(rles)[:, :, 0].astype(bool)
 
 
-def _rings(segmentation: Any, where: str) -> list[list[float]]:
+def _checked_vertices(rings: list[list[float]], width: int, height: int, where: str) -> list[list[float]]:
+    """``rings`` after checking what pycocotools cannot take: it casts vertices to C ints and
+    walks every edge pixel by pixel, so a non-finite or far-away vertex kills the process."""
+    limit = MAX_VERTEX_SPAN * max(width, height)
+    if not all(math.isfinite(v) and abs(v) <= limit for ring in rings for v in ring):
+        raise CocoError(f"{where}: vertices must be finite and within {MAX_VERTEX_SPAN} image sizes of the image")
+    return rings
+
+
+def _rings(segmentation: Any, width: int, height: int, where: str) -> list[list[float]]:
     if not isinstance(segmentation, list) or not all(isinstance(r, list) for r in segmentation):
         raise CocoError(f"{where}: segmentation must be a list of polygons or an RLE object")
     if any(len(ring) < 6 or len(ring) % 2 for ring in segmentation):
         raise CocoError(f"{where}: every polygon needs an even number (at least 6) of coordinates")
-    return [[float(v) for v in ring] for ring in segmentation]
+    if not all(_is_number(v) for ring in segmentation for v in ring):
+        raise CocoError(f"{where}: polygon coordinates must be numbers")
+    return _checked_vertices([[float(v) for v in ring] for ring in segmentation], width, height, where)
 
 
 _PREFERENCE = {
@@ -612,20 +726,28 @@ def _coco_object_regions(
     if isinstance(segmentation, dict):
         shape = "rle"
     elif segmentation:
-        shape = "ring" if len(_rings(segmentation, where)) == 1 else "rings"
+        shape = "ring" if len(_rings(segmentation, width, height, where)) == 1 else "rings"
     elif isinstance(bbox, list) and len(bbox) == 4:
         shape = "box"
     else:
         raise CocoError(f"{where}: the object has neither a segmentation nor a bbox")
     control = _pick_control(config, label, shape, where)
     if control.type == "polygonlabels" and shape in ("ring", "rings"):
-        rings = _rings(segmentation, where)
+        rings = _rings(segmentation, width, height, where)
         return [result for ring in rings for result in _polygon_results(ring, control, label, width, height)]
+    if control.type == "rectanglelabels" and shape == "ring":
+        value = _rectangle_value(_rings(segmentation, width, height, where)[0], width, height)
+        if value is not None:  # an exported rectangle, rotation and sub-pixel corners included
+            return labelled_results(control, width, height, value, label)
     if control.type == "rectanglelabels" and isinstance(bbox, list) and len(bbox) == 4:
+        if not all(_is_number(v) for v in bbox):
+            raise CocoError(f"{where}: bbox must be [x, y, width, height] numbers, not {bbox!r}")
         x, y, w, h = (float(v) for v in bbox)
-        box, mask = (x, y, x + w, y + h), None  # the stored box is exact; a mask's is pixel-snapped
+        box, mask = (x, y, x + w, y + h), None  # the stored box as it is, not snapped to pixels
     else:
-        box, mask = (0.0, 0.0, float(width), float(height)), object_mask(obj, width, height, where)
+        mask = object_mask(obj, width, height, where)
+        x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+        box = (float(x), float(y), float(x + w), float(y + h))  # what a rectangle control keeps of a mask
     try:
         regions = encode_instance(Instance(label, 0.0, box, mask), control, width, height, polygon_tolerance)
     except ValueError as exc:
@@ -641,16 +763,55 @@ def _image_path(root: str, file_name: str) -> str:
     return root + file_name if root.endswith(("/", "=")) else f"{root}/{file_name}"
 
 
-def _dataset_parts(dataset: Any) -> tuple[list[dict[str, Any]], dict[int, str], list[dict[str, Any]]]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _dataset_parts(
+    dataset: Any, source: str = "the COCO file"
+) -> tuple[list[dict[str, Any]], dict[int, str], list[dict[str, Any]]]:
+    """Images, category names by id and annotations of a COCO dataset, checked so that a wrong
+    file (a Label Studio export, a results list) or a malformed entry is a ``CocoError``
+    naming it rather than a KeyError deep inside pycocotools."""
+    if isinstance(dataset, list):
+        raise CocoError(
+            f"{source} is a list, not a COCO dataset: a Label Studio JSON export or a COCO "
+            "results file was given where the instances file (images, categories, annotations) belongs"
+        )
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-        raise CocoError("the COCO file has no 'images' list (a results file needs its dataset beside it)")
+        raise CocoError(f"{source} has no 'images' list (a results file needs its dataset beside it)")
     cats = dataset.get("categories")
     if not isinstance(cats, list) or not cats:
-        raise CocoError("the COCO file has no 'categories'")
-    names = {int(c["id"]): str(c["name"]) for c in cats}
-    if not dataset["images"]:
-        raise CocoError("the COCO file has no images")
-    return dataset["images"], names, list(dataset.get("annotations") or [])
+        raise CocoError(f"{source} has no 'categories'")
+    names: dict[int, str] = {}
+    for cat in cats:
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise CocoError(f"category {cat!r} needs an integer 'id' and a 'name'")
+        names[cat["id"]] = cat["name"]
+    images = dataset["images"]
+    if not images:
+        raise CocoError(f"{source} has no images: nothing to convert or evaluate")
+    seen: set[int] = set()
+    for number, image in enumerate(images, start=1):
+        if not isinstance(image, dict) or not _is_int(image.get("id")):
+            raise CocoError(f"image #{number} of {source} has no integer 'id'")
+        iid, width, height = image["id"], image.get("width"), image.get("height")
+        if not all(_is_int(v) and v > 0 for v in (width, height)):
+            raise CocoError(
+                f"image {iid} ({image.get('file_name')!r}) needs positive integer width and height, "
+                f"it has {width!r} x {height!r}"
+            )
+        if iid in seen:
+            raise CocoError(f"image id {iid} appears twice in {source}")
+        seen.add(iid)
+    annotations = dataset.get("annotations") or []
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise CocoError(f"the 'annotations' of {source} are not a list of objects")
+    return images, names, annotations
 
 
 def coco_to_ls(
@@ -680,18 +841,22 @@ def coco_to_ls(
     grouped: dict[str, dict[Any, list[Mapping[str, Any]]]] = {"annotations": defaultdict(list)}
     if as_annotations or results is None:
         for ann in dataset_annotations:
-            grouped["annotations"][ann.get("image_id")].append(ann)
+            if not _is_int(ann.get("image_id")) or ann["image_id"] not in image_ids:
+                raise CocoError(
+                    f"annotation {ann.get('id')!r}: image_id {ann.get('image_id')!r} is not an image of the dataset"
+                )
+            grouped["annotations"][ann["image_id"]].append(ann)
     if results is not None:
+        if not all(isinstance(res, Mapping) for res in results):
+            raise CocoError("the results are not a COCO results list (a list of objects)")
         grouped["results"] = defaultdict(list)
         for number, res in enumerate(results, start=1):
-            if res.get("image_id") not in image_ids:
+            if not _is_int(res.get("image_id")) or res["image_id"] not in image_ids:
                 raise CocoError(f"result #{number}: image_id {res.get('image_id')!r} is not an image of the dataset")
             grouped["results"][res["image_id"]].append(res)
     tasks: list[dict[str, Any]] = []
     for image in images:
-        iid, width, height = image.get("id"), image.get("width"), image.get("height")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (iid, width, height)):
-            raise CocoError(f"image {iid!r} ({image.get('file_name')!r}) needs integer id, width and height")
+        iid, width, height = image["id"], image["width"], image["height"]
         if not isinstance(image.get("file_name"), str) or not image["file_name"]:
             raise CocoError(f"image {iid} has no file_name")
         task: dict[str, Any] = {
@@ -704,14 +869,17 @@ def coco_to_ls(
             scores: list[float] = []
             for number, obj in enumerate(by_image.get(iid, []), start=1):
                 where = f"image {iid} ({image['file_name']}), {source[:-1]} {obj.get('id', number)!r}"
-                label = names.get(obj.get("category_id"))
+                label = names.get(obj["category_id"]) if _is_int(obj.get("category_id")) else None
                 if label is None:
                     raise CocoError(f"{where}: category_id {obj.get('category_id')!r} is not in the categories")
                 new = _coco_object_regions(obj, label, config, width, height, polygon_tolerance, where)
-                if "score" in obj and obj["score"] is not None:
-                    scores.append(float(obj["score"]))
+                score = obj.get("score")
+                if score is not None:
+                    if not _is_number(score):
+                        raise CocoError(f"{where}: 'score' must be a number, not {score!r}")
+                    scores.append(float(score))
                     for region in new:
-                        region["score"] = float(obj["score"])
+                        region["score"] = float(score)
                 regions.extend(new)
             if source == "annotations" and as_annotations:
                 task["annotations"] = [{"result": regions, "ground_truth": False, "was_cancelled": False}]
@@ -753,6 +921,76 @@ def _run_cocoeval(gt: COCO, dt: COCO, iou_type: str) -> COCOeval:
     return evaluator
 
 
+def _eval_object(obj: Mapping[str, Any], image: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A copy of a ground-truth annotation or result with what COCOeval reads, checked against
+    its image: a segmentation (the bbox's rectangle when it has none, as pycocotools' loadRes
+    makes for box-only results), a bbox (the mask's when missing), ``area`` and ``iscrowd``
+    (COCOeval needs both; other tools omit them)."""
+    width, height = image["width"], image["height"]
+    out = copy.deepcopy(dict(obj))
+    if "area" in obj and not _is_number(obj["area"]):
+        raise CocoError(f"{where}: area must be a number, not {obj['area']!r}")
+    if obj.get("iscrowd", 0) not in (0, 1):
+        raise CocoError(f"{where}: iscrowd must be 0 or 1, not {obj['iscrowd']!r}")
+    segmentation, bbox = obj.get("segmentation"), obj.get("bbox")
+    has_box = isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+    if bbox is not None and not has_box:
+        raise CocoError(f"{where}: bbox must be [x, y, width, height] numbers, not {bbox!r}")
+    if segmentation:
+        if isinstance(segmentation, dict):
+            rle = _checked_rle(segmentation, width, height, where)
+        else:
+            rle = coco_mask.merge(coco_mask.frPyObjects(_rings(segmentation, width, height, where), height, width))
+        out.setdefault("area", float(coco_mask.area(rle)))
+        if not has_box:
+            out["bbox"] = [float(v) for v in coco_mask.toBbox(rle)]
+    elif has_box:
+        x, y, w, h = (float(v) for v in bbox)
+        out["segmentation"] = [[x, y, x, y + h, x + w, y + h, x + w, y]]
+        out.setdefault("area", w * h)
+    else:
+        raise CocoError(f"{where}: the object has neither a segmentation nor a bbox")
+    out.setdefault("iscrowd", 0)
+    return out
+
+
+def _eval_inputs(gt: Any, results: Any) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """The ground truth with checked annotations, the results on its images and categories
+    (checked), and how many results were left out; a malformed object is a ``CocoError``
+    naming its image and annotation id (or result number) instead of a pycocotools KeyError
+    or a silent AP of 0."""
+    images, names, annotations = _dataset_parts(gt, "the ground truth")
+    by_id = {image["id"]: image for image in images}
+
+    def where(image: Mapping[str, Any], what: str) -> str:
+        return f"image {image['id']} ({image.get('file_name')!r}), {what}"
+
+    checked: list[dict[str, Any]] = []
+    ann_ids: set[int] = set()
+    for number, ann in enumerate(annotations, start=1):
+        aid = ann.get("id")
+        if not _is_int(aid) or aid in ann_ids:
+            raise CocoError(f"ground-truth annotation #{number} needs a unique integer 'id', it has {aid!r}")
+        ann_ids.add(aid)
+        image = by_id.get(ann["image_id"]) if _is_int(ann.get("image_id")) else None
+        if image is None:
+            raise CocoError(f"annotation {aid}: image_id {ann.get('image_id')!r} is not an image of the ground truth")
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in names:
+            raise CocoError(f"{where(image, f'annotation {aid}')}: category_id {ann.get('category_id')!r} is unknown")
+        checked.append(_eval_object(ann, image, where(image, f"annotation {aid}")))
+    if not isinstance(results, list) or not all(isinstance(r, Mapping) for r in results):
+        raise CocoError("the results are not a COCO results list (a list of objects)")
+    kept: list[dict[str, Any]] = []
+    for number, res in enumerate(results, start=1):
+        image = by_id.get(res["image_id"]) if _is_int(res.get("image_id")) else None
+        if image is None or not _is_int(res.get("category_id")) or res["category_id"] not in names:
+            continue
+        if not _is_number(res.get("score")):
+            raise CocoError(f"{where(image, f'result #{number}')}: 'score' must be a number, not {res.get('score')!r}")
+        kept.append(_eval_object(res, image, where(image, f"result #{number}")))
+    return {**gt, "annotations": checked}, kept, len(results) - len(kept)
+
+
 def evaluate(
     gt: Mapping[str, Any],
     results: Sequence[Mapping[str, Any]],
@@ -769,20 +1007,12 @@ def evaluate(
     scores from those counts only (AP uses every score). Because matching is greedy by score,
     dropping the low scores afterwards gives the same matches as never having had them.
     Results on images or categories the dataset does not have are counted in ``ignored``.
+    Malformed input (an RLE of another size than its image, an image without width / height,
+    an object without segmentation and bbox, a Label Studio export instead of a COCO dataset)
+    is a ``CocoError`` naming the image and annotation id or result number.
     """
-    images = gt.get("images") or []
-    if not images:
-        raise CocoError("the ground truth has no images: nothing to evaluate")
-    image_ids = {img["id"] for img in images}
-    cat_ids = {c["id"] for c in gt.get("categories") or []}
-    kept = [
-        copy.deepcopy(dict(r)) for r in results if r.get("image_id") in image_ids and r.get("category_id") in cat_ids
-    ]
+    gt, kept, ignored = _eval_inputs(gt, results)
     gt_coco = _coco_from_dict(gt)
-    for ann in gt_coco.dataset.get("annotations") or []:  # COCOeval reads both; other tools omit them
-        ann.setdefault("iscrowd", 0)
-        if "area" not in ann:
-            ann["area"] = float(coco_mask.area(gt_coco.annToRLE(ann)))
     if kept:
         dt_coco = _quiet(gt_coco.loadRes, kept)
     else:
@@ -845,10 +1075,10 @@ def evaluate(
         }
 
     return {
-        "images": len(images),
+        "images": len(gt["images"]),
         "ground_truth": sum(row["gt"] for row in per_category.values()),
         "predictions": len(kept),
-        "ignored": len(results) - len(kept),
+        "ignored": ignored,
         "iou_threshold": float(thresholds[t_index]),
         "score_threshold": float(score_threshold),
         "segm": summary(segm),

@@ -6,6 +6,7 @@ is the only code that reads ``os.environ`` for them, so a test builds a ``Settin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -166,7 +167,13 @@ class Settings:
         and every threshold (plus per-project ``extra`` such as thresholds from the config),
         and leaves out server settings that do not change predictions (and the automatic-mask
         settings while ``prediction_mode`` does not use them).
+
+        It reads ``<route>-<mode>-<hash>`` (``grounded-sam-grounded-1a2b3c4d5e``,
+        ``sam3-everything-...``) so the Data Manager shows which route and mode made a
+        prediction. The prefix only spells out what the hash already covers (``pipeline`` and
+        ``prediction_mode`` are hashed as set), so the string changes exactly when the hash does.
         """
+        mode = "".join(self.prediction_mode.lower().split())  # as check_mode normalises it
         everything = "everything" in self.prediction_mode
         decisive = {
             key: value
@@ -176,7 +183,35 @@ class Settings:
         if extra:
             decisive["extra"] = dict(extra)
         digest = hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
-        return f"grounded-sam-{digest[:10]}"
+        return f"{_route(self.pipeline, self.segmenter_model)}-{mode}-{digest[:10]}"
+
+
+def _route(pipeline: str, segmenter_model: str) -> str:
+    """The pre-annotation route ``PIPELINE`` names; ``auto`` resolved as the model loader
+    resolves it (from the segmenter checkpoint's ``model_type``), so ``/setup``, ``/predict``
+    and the batch CLI all print the route the models actually run."""
+    choice = pipeline.strip().lower()
+    if choice != "auto":
+        return choice
+    from backend.models.loading import ModelLoadError  # torch/transformers: only when needed
+
+    try:
+        return _auto_route(segmenter_model)
+    except ModelLoadError:
+        # An unreadable checkpoint cannot be loaded either, so no prediction carries this
+        # version; only models that are not files (test fakes) get here. Not cached: a
+        # checkpoint still downloading resolves on the next call.
+        return "grounded-sam"
+
+
+@functools.lru_cache(maxsize=16)
+def _auto_route(segmenter_model: str) -> str:
+    """``PIPELINE=auto``'s route for ``segmenter_model``, read once per process: it opens the
+    checkpoint's config (a hub id may mean a network round trip) and the version is computed
+    on every request."""
+    from backend.models.registry import resolve_pipeline
+
+    return resolve_pipeline(Settings(pipeline="auto", segmenter_model=segmenter_model))
 
 
 _OUTPUT_DECIDING_FIELDS = {

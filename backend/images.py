@@ -26,17 +26,31 @@ it expires or Label Studio answers 401.
 
 SSRF guard: every hop's host is resolved and refused when any address is loopback, private,
 link-local, multicast, reserved, unspecified or otherwise not global (IPv4-mapped, 6to4,
-Teredo and NAT64 IPv6 forms are unwrapped), unless the host is the Label Studio host or listed
-in ``ALLOWED_IMAGE_HOSTS`` (host names, matching any port; IPs or networks such as
-``10.0.0.0/8``, matching the resolved addresses). Cloud metadata addresses are refused even
-then. The connection goes to the address that was checked (TLS still verifies the host name),
-so a name cannot resolve differently between check and connect (DNS rebinding). Consequently
-downloads do not go through ``HTTP(S)_PROXY``.
+Teredo and NAT64 IPv6 forms are unwrapped), unless the host is the ``LABEL_STUDIO_URL`` origin
+or listed in ``ALLOWED_IMAGE_HOSTS`` (host names, matching any port; IPs or networks such as
+``10.0.0.0/8``, matching the resolved addresses). A ``/setup`` hostname is no exemption: any
+client that reaches the backend can post one, so it would open every internal URL; it still
+resolves Label Studio paths and gets the ``/setup`` token, but a Label Studio on a private or
+loopback address must be named in ``LABEL_STUDIO_URL`` or ``ALLOWED_IMAGE_HOSTS``. Cloud
+metadata addresses (unwrapped the same way) are refused even when exempt. The connection goes
+to the address that was checked (TLS still verifies the host name), so a name cannot resolve
+differently between check and connect (DNS rebinding). Consequently downloads do not go through
+``HTTP(S)_PROXY``.
+
+Each download attempt has one wall-clock deadline, ``DOWNLOAD_TIMEOUT_S``, for connecting, the
+TLS handshake, the response headers and the body together, redirects and a token exchange
+included: socket timeouts bound each read, not their sum, so a server dripping a header line
+at a time would otherwise hold a worker forever. At the deadline a watchdog shuts the socket
+down, which wakes the blocked read.
 
 Downloads are cached by URL (Label Studio paths by Label Studio URL + path, cloud URIs by the
 URI, not the presigned URL): in memory in an LRU bounded by bytes, and with ``IMAGE_CACHE_DIR``
 on disk, written atomically and never evicted (prune it with ``find -mtime``). Cached images are
-assumed immutable, as Label Studio's uploads are (their names carry a random prefix).
+assumed immutable, as Label Studio's uploads are (their names carry a random prefix). Bytes are
+cached only once they decode; a cached entry that no longer decodes (a disk file damaged
+outside this process) is deleted and downloaded again. Disk cache failures are warned about
+once per kind and process, then logged at debug level: a full or read-only disk must not
+flood the log with a line per image.
 
 ``LoadedImage.sha256`` hashes the decoded RGB pixels and the size, not the file bytes: the
 embedding cache (whose disk tier outlives the process) must miss when the same bytes would
@@ -47,6 +61,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import ipaddress
@@ -59,17 +74,17 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import SplitResult, parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import numpy as np
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.certs import where as ca_bundle_path
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from backend.config import Settings
 
@@ -146,6 +161,104 @@ class _LabelStudio:
     base_url: str  # without trailing slash; may carry a path prefix
     origin: tuple[str, str, int]  # scheme, lower-case host, port: the only place the token goes
     token: str
+    configured: bool  # LABEL_STUDIO_URL (exempt from the SSRF guard), not a /setup hostname
+
+
+class _Raw(NamedTuple):
+    """Bytes to decode, where they came from, and what the download caches know of them."""
+
+    data: bytes
+    source: str
+    cache_key: str | None = None  # downloads only: cached under this key once the bytes decode
+    cached_in: str | None = None  # "memory" or "disk" when served from a cache
+    refetch: Callable[[], bytes] | None = None  # with cached_in: download again, past the caches
+
+
+class _Deadline:
+    """One download attempt's wall-clock limit, from its first connection to its last byte.
+
+    Socket timeouts bound each read, not their sum; at the deadline a timer thread shuts down
+    the attempt's sockets, which wakes a read blocked on a server that drips bytes. It shuts
+    down a duplicate of each socket's descriptor: shutdown acts on the connection, not the
+    descriptor, and the duplicate stays valid when TLS wrapping detaches the original.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._expires = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self._expires - time.monotonic()
+
+    def passed(self) -> bool:
+        return self._expired or self.remaining() <= 0
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline (at once if it has passed)."""
+        duplicate = sock.dup()
+        with self._lock:
+            self._sockets.append(duplicate)
+            if self._expired:
+                _shutdown(duplicate)
+
+    def release(self) -> None:
+        """Close the duplicates of the sockets watched so far (their exchanges are over)."""
+        with self._lock:  # never while _expire shuts them down: a closed descriptor may be reused
+            for duplicate in self._sockets:
+                duplicate.close()
+            self._sockets = []
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self.release()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            for duplicate in self._sockets:
+                _shutdown(duplicate)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed by the peer or by urllib3
+        pass
+
+
+class _Watched:
+    """Connection mixin: the attempt's ``_Deadline`` watches the socket as soon as it is
+    connected, before the TLS handshake (which a server can drip as well)."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        self._deadline.watch(sock)
+        return sock
+
+
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 def _display_url(url: str) -> str:
@@ -193,15 +306,27 @@ def _is_refresh_token(token: str) -> bool:
     return claims is not None and claims.get("token_type") == "refresh"
 
 
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (IPv4-mapped, 6to4, Teredo client, NAT64), if any:
+    the guard must judge where a packet really goes."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+    if embedded is None and address in _NAT64:
+        embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return embedded
+
+
+def _is_metadata(address: IPAddress) -> bool:
+    return address in METADATA_ADDRESSES or _embedded_ipv4(address) in METADATA_ADDRESSES
+
+
 def _not_public_reason(address: IPAddress) -> str | None:
     """Why ``address`` is not a public internet address, or None when it is."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None:
-            reason = _not_public_reason(embedded)
-            return f"{reason}, embedded {embedded}" if reason else None
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        reason = _not_public_reason(embedded)
+        return f"{reason}, embedded {embedded}" if reason else None
     for attribute in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(address, f"is_{attribute}"):
             return attribute.replace("_", "-")
@@ -225,6 +350,11 @@ class _MemoryLRU:
             if data is not None:
                 self._items.move_to_end(key)
             return data
+
+    def pop(self, key: str) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._size -= len(old) if old is not None else 0
 
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self._budget:
@@ -255,6 +385,7 @@ class ImageLoader:
         self._access_tokens: dict[tuple[str, str], str] = {}
         self._refused_tokens: dict[tuple[str, str], tuple[float, str]] = {}  # key -> (when, why)
         self._lock = threading.Lock()
+        self._warned: set[str] = set()  # disk cache failure kinds already warned about
         self._allowed_hosts: set[str] = set()
         self._allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for entry in (e.strip().lower().strip("[]") for e in settings.allowed_image_hosts.split(",")):
@@ -290,18 +421,40 @@ class ImageLoader:
             raise ImageLoadError(f"{where} holds no image reference (got {_shorten(repr(value))})")
         value = value.strip()
         try:
-            raw, source = self._read(value, task_id, hostname, access_token)
-            image = self._decode(raw)
+            raw = self._read(value, task_id, hostname, access_token)
+            image = self._decode_and_cache(raw)
         except ImageLoadError as exc:
             raise ImageLoadError(f"{where} = {_shorten(value)!r}: {exc}") from exc
         except ValueError as exc:  # urllib.parse on malformed URLs ("http://[x", bad ports)
             raise ImageLoadError(f"{where} = {_shorten(value)!r}: malformed reference: {exc}") from exc
-        return LoadedImage(image, image.width, image.height, pixel_sha256(image), source)
+        return LoadedImage(image, image.width, image.height, pixel_sha256(image), raw.source)
+
+    def _decode_and_cache(self, raw: _Raw) -> Image.Image:
+        """Decode; cache downloaded bytes only once they decode, and replace a cached entry that
+        no longer does (a damaged disk file) by downloading it again, instead of failing forever."""
+        try:
+            image = self._decode(raw.data)
+        except ImageLoadError as exc:
+            if raw.cache_key is None or raw.refetch is None:
+                raise
+            self._warn_once(
+                "corrupt", "image cache entry for %s does not decode (%s); deleting it and downloading again",
+                raw.source, exc,
+            )
+            self._forget(raw.cache_key)
+            raw = _Raw(raw.refetch(), raw.source, raw.cache_key)
+            image = self._decode(raw.data)
+        if raw.cache_key is not None and raw.cached_in != "memory":
+            self._memory.put(raw.cache_key, raw.data)
+            if raw.cached_in is None:
+                self._disk_put(raw.cache_key, raw.data)
+        return image
 
     # ------------------------------------------------------------------ resolution
 
     def _label_studio(self, hostname: str | None, access_token: str | None) -> _LabelStudio | None:
-        if self.settings.label_studio_url:
+        configured = bool(self.settings.label_studio_url)
+        if configured:
             base, token = self.settings.label_studio_url, self.settings.label_studio_api_key or access_token
         elif hostname:
             base, token = hostname, access_token
@@ -310,9 +463,9 @@ class ImageLoader:
         parts = urlsplit(base.strip())
         if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
             raise ImageLoadError(f"the Label Studio URL {base!r} must be an absolute http:// or https:// URL")
-        return _LabelStudio(base.strip().rstrip("/"), _origin(parts), token or "")
+        return _LabelStudio(base.strip().rstrip("/"), _origin(parts), token or "", configured)
 
-    def _read(self, value: str, task_id: Any, hostname: str | None, access_token: str | None) -> tuple[bytes, str]:
+    def _read(self, value: str, task_id: Any, hostname: str | None, access_token: str | None) -> _Raw:
         """The raw bytes behind ``value`` and a description of where they came from."""
         lowered = value.lower()
         if lowered.startswith("data:"):
@@ -347,14 +500,14 @@ class ImageLoader:
             )
         return ls
 
-    def _read_label_studio_path(self, path: str, hostname: str | None, access_token: str | None) -> tuple[bytes, str]:
+    def _read_label_studio_path(self, path: str, hostname: str | None, access_token: str | None) -> _Raw:
         if path.startswith("/data/local-files") and self.settings.allow_local_files:
             relative = (parse_qs(urlsplit(path).query).get("d") or [""])[-1]
             if not relative:
                 raise ImageLoadError("the Local Storage URL has no ?d= file path")
             local = self._local_path(relative.lstrip("/"))
             if os.path.isfile(local):
-                return self._read_file(local), local
+                return _Raw(self._read_file(local), local)
         ls = self._require_label_studio(hostname, access_token, "a Label Studio path")
         candidates = [ls.base_url + path]
         if path.startswith("/data/upload/"):
@@ -362,7 +515,7 @@ class ImageLoader:
             candidates.insert(0, f"{ls.base_url}/storage-data/uploaded/?filepath={filepath}")
         return self._download(candidates, ls.base_url + path, ls)
 
-    def _read_data_uri(self, value: str) -> tuple[bytes, str]:
+    def _read_data_uri(self, value: str) -> _Raw:
         header, comma, payload = value[len("data:") :].partition(",")
         if not comma:
             raise ImageLoadError("malformed data URI: no ',' before the data")
@@ -381,7 +534,7 @@ class ImageLoader:
             raw = unquote_to_bytes(payload)
         if len(raw) > limit:
             raise ImageLoadError(f"data URI holds {len(raw)} bytes, over MAX_IMAGE_BYTES={limit}")
-        return raw, f"data:{header.split(';')[0] or 'text/plain'} ({len(raw)} bytes)"
+        return _Raw(raw, f"data:{header.split(';')[0] or 'text/plain'} ({len(raw)} bytes)")
 
     # ------------------------------------------------------------------ local files
 
@@ -399,7 +552,7 @@ class ImageLoader:
             raise ImageLoadError(f"path {path!r} is outside LOCAL_FILES_ROOT ({root})")
         return resolved
 
-    def _read_local(self, value: str) -> tuple[bytes, str]:
+    def _read_local(self, value: str) -> _Raw:
         parts = urlsplit(value)
         if parts.scheme.lower() == "file":
             if parts.netloc not in {"", "localhost"}:
@@ -412,7 +565,7 @@ class ImageLoader:
         local = self._local_path(path)
         if not os.path.isfile(local):
             raise ImageLoadError(f"no such file under LOCAL_FILES_ROOT: {local}")
-        return self._read_file(local), local
+        return _Raw(self._read_file(local), local)
 
     def _read_file(self, path: str) -> bytes:
         limit = self.settings.max_image_bytes
@@ -427,28 +580,49 @@ class ImageLoader:
 
     # ------------------------------------------------------------------ download + caches
 
-    def _download(self, candidates: list[str], cache_key: str, ls: _LabelStudio | None) -> tuple[bytes, str]:
+    def _download(self, candidates: list[str], cache_key: str, ls: _LabelStudio | None) -> _Raw:
+        """From the caches, else the first candidate URL that serves it (``_decode_and_cache``
+        stores what decodes)."""
         source = _display_url(cache_key) if "://" in cache_key else cache_key
-        cached = self._memory.get(cache_key)
-        if cached is None:
-            cached = self._disk_get(cache_key)
+
+        def fetch() -> bytes:
+            for url in candidates[:-1]:
+                try:
+                    return self._fetch_with_retries(url, ls)
+                except _FetchError as exc:
+                    if exc.status not in FALLBACK_STATUSES:
+                        raise
+                    log.debug("%s; trying the next candidate URL", exc)
+            return self._fetch_with_retries(candidates[-1], ls)
+
+        for cached_in, get in (("memory", self._memory.get), ("disk", self._disk_get)):
+            cached = get(cache_key)
             if cached is not None:
-                self._memory.put(cache_key, cached)
-        if cached is not None:
-            return cached, source
-        for url in candidates[:-1]:
-            try:
-                data = self._fetch_with_retries(url, ls)
-                break
-            except _FetchError as exc:
-                if exc.status not in FALLBACK_STATUSES:
-                    raise
-                log.debug("%s; trying the next candidate URL", exc)
+                return _Raw(cached, source, cache_key, cached_in, fetch)
+        return _Raw(fetch(), source, cache_key)
+
+    def _forget(self, cache_key: str) -> None:
+        self._memory.pop(cache_key)
+        path = self._disk_path(cache_key)
+        if path is None:
+            return
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._warn_once("write", "image cache delete failed for %s: %s", path, exc)
+
+    def _warn_once(self, kind: str, message: str, *args: object) -> None:
+        """A warning for the first disk cache failure of each kind in this process, debug lines
+        after it: a full or read-only disk fails every image, and the log must stay readable."""
+        with self._lock:
+            first = kind not in self._warned
+            self._warned.add(kind)
+        if first:
+            log.warning(message + " (further image cache %s failures are logged at debug level)", *args, kind)
         else:
-            data = self._fetch_with_retries(candidates[-1], ls)
-        self._memory.put(cache_key, data)
-        self._disk_put(cache_key, data)
-        return data, source
+            log.debug(message, *args)
 
     def _disk_path(self, cache_key: str) -> str | None:
         directory = self.settings.image_cache_dir
@@ -468,7 +642,7 @@ class ImageLoader:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("image cache read failed for %s: %s", path, exc)
+            self._warn_once("read", "image cache read failed for %s: %s", path, exc)
             return None
 
     def _disk_put(self, cache_key: str, data: bytes) -> None:
@@ -476,13 +650,18 @@ class ImageLoader:
         path = self._disk_path(cache_key)
         if path is None:
             return
+        temporary: str | None = None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".tmp-", delete=False) as tmp:
+                temporary = tmp.name
                 tmp.write(data)
-            os.replace(tmp.name, path)
+            os.replace(temporary, path)
         except OSError as exc:
-            log.warning("image cache write failed for %s: %s", path, exc)
+            self._warn_once("write", "image cache write failed for %s: %s", path, exc)
+            if temporary is not None:  # a full disk must not fill up further with partial files
+                with contextlib.suppress(OSError):
+                    os.remove(temporary)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -504,45 +683,66 @@ class ImageLoader:
             delay *= 2
 
     def _fetch(self, url: str, ls: _LabelStudio | None) -> bytes:
-        """GET ``url``, following redirects by hand so every hop is checked and the token
-        is attached only where the hop's origin is Label Studio's."""
-        refreshed = False
-        hops = 0
-        while True:
-            token_to = ls if ls is not None and ls.token and _origin(urlsplit(url)) == ls.origin else None
-            headers = {"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"}
-            if token_to is not None:
-                headers["Authorization"] = self._authorization(token_to)
-            with self._request("GET", url, headers, ls) as response:
-                status = response.status
-                if status == 401 and token_to is not None and not refreshed and _is_refresh_token(token_to.token):
-                    refreshed = True
-                    self._authorization(token_to, force_refresh=True)
-                    continue
-                if status in REDIRECT_STATUSES:
-                    location = response.headers.get("Location")
-                    if not location:
-                        raise _FetchError(f"{_display_url(url)} answered HTTP {status} without a Location")
-                    hops += 1
-                    if hops > MAX_REDIRECTS:
-                        raise _FetchError(f"{_display_url(url)}: more than {MAX_REDIRECTS} redirects")
-                    url = urljoin(url, location)
-                    continue
-                if status >= 400:
-                    raise _FetchError(
-                        f"{_display_url(url)} answered HTTP {status}",
-                        status=status,
-                        transient=status in RETRY_STATUSES,
-                        retry_after=_retry_after(response.headers.get("Retry-After")),
-                    )
-                return self._read_body(response, url)
+        """One attempt: GET ``url`` within one ``DOWNLOAD_TIMEOUT_S`` deadline, following
+        redirects by hand so every hop is checked and the token is attached only where the
+        hop's origin is Label Studio's."""
+        deadline = _Deadline(self.settings.download_timeout_s)
+        try:
+            refresh = False  # after a 401 to an access token: exchange the PAT again, once
+            refreshed = False
+            hops = 0
+            while True:
+                token_to = ls if ls is not None and ls.token and _origin(urlsplit(url)) == ls.origin else None
+                headers = {"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"}
+                if token_to is not None:
+                    headers["Authorization"] = self._authorization(token_to, deadline, force_refresh=refresh)
+                    refresh = False
+                with self._request("GET", url, headers, ls, deadline) as response:
+                    status = response.status
+                    if (
+                        status == 401
+                        and token_to is not None
+                        and not refreshed
+                        and _is_refresh_token(token_to.token)
+                    ):
+                        refreshed = refresh = True
+                        continue
+                    if status in REDIRECT_STATUSES:
+                        location = response.headers.get("Location")
+                        if not location:
+                            raise _FetchError(f"{_display_url(url)} answered HTTP {status} without a Location")
+                        hops += 1
+                        if hops > MAX_REDIRECTS:
+                            raise _FetchError(f"{_display_url(url)}: more than {MAX_REDIRECTS} redirects")
+                        url = urljoin(url, location)
+                        continue
+                    if status >= 400:
+                        raise _FetchError(
+                            f"{_display_url(url)} answered HTTP {status}",
+                            status=status,
+                            transient=status in RETRY_STATUSES,
+                            retry_after=_retry_after(response.headers.get("Retry-After")),
+                        )
+                    return self._read_body(response, url, deadline)
+        finally:
+            deadline.cancel()
 
-    def _read_body(self, response: urllib3.BaseHTTPResponse, url: str) -> bytes:
+    def _timed_out(self, url: str, in_body: bool) -> _FetchError:
+        """The deadline's error. Before a complete response it is retried, as a server that did
+        not answer in time may next time; a body that takes too long is not: another try would
+        cost another ``DOWNLOAD_TIMEOUT_S`` for the same slow stream."""
+        limit = f"DOWNLOAD_TIMEOUT_S={self.settings.download_timeout_s}"
+        if in_body:
+            return _FetchError(f"{_display_url(url)}: download took longer than {limit}")
+        return _FetchError(
+            f"{_display_url(url)}: no complete response within {limit} (connect, headers and body)", transient=True
+        )
+
+    def _read_body(self, response: urllib3.BaseHTTPResponse, url: str, deadline: _Deadline) -> bytes:
         limit = self.settings.max_image_bytes
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise _FetchError(f"{_display_url(url)} is {declared} bytes, over MAX_IMAGE_BYTES={limit}")
-        deadline = time.monotonic() + self.settings.download_timeout_s
         body = bytearray()
         try:
             # read1, not stream(): stream(n) blocks until n bytes arrive, so a server sending a
@@ -551,38 +751,43 @@ class ImageLoader:
                 body += chunk
                 if len(body) > limit:
                     raise _FetchError(f"{_display_url(url)} sent more than MAX_IMAGE_BYTES={limit} bytes")
-                if time.monotonic() > deadline:
-                    raise _FetchError(
-                        f"{_display_url(url)}: download took longer than "
-                        f"DOWNLOAD_TIMEOUT_S={self.settings.download_timeout_s}"
-                    )
+                if deadline.passed():
+                    raise self._timed_out(url, in_body=True)
         except urllib3.exceptions.HTTPError as exc:
+            if deadline.passed():
+                raise self._timed_out(url, in_body=True) from exc
             raise _FetchError(f"{_display_url(url)}: download interrupted: {exc}", transient=True) from exc
+        if deadline.passed():  # the watchdog's shutdown reads as the end of a body without a length
+            raise self._timed_out(url, in_body=True)
         return bytes(body)
 
-    @contextmanager
+    @contextlib.contextmanager
     def _request(
         self,
         method: str,
         url: str,
         headers: dict[str, str],
         ls: _LabelStudio | None,
+        deadline: _Deadline,
         body: bytes | None = None,
     ) -> Iterator[urllib3.BaseHTTPResponse]:
-        """One HTTP exchange with the host's checked addresses, tried in resolver order."""
+        """One HTTP exchange with the host's checked addresses, tried in resolver order, within
+        what is left of the attempt's ``deadline``."""
         parts = urlsplit(url)
         addresses = self._checked_addresses(parts, ls)
         host = parts.hostname or ""
         host_header = f"[{host}]" if ":" in host else host
         if parts.port:
             host_header += f":{parts.port}"
-        timeout = urllib3.Timeout(
-            connect=min(10.0, self.settings.download_timeout_s), read=self.settings.download_timeout_s
-        )
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         last_error: Exception | None = None
         for address in addresses:
-            pool = self._pool(parts, str(address), timeout)
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                raise self._timed_out(url, in_body=False)
+            # the socket timeouts bound single reads; the deadline's watchdog bounds their sum
+            timeout = urllib3.Timeout(connect=min(10.0, remaining), read=remaining)
+            pool = self._pool(parts, str(address), timeout, deadline)
             try:
                 response = pool.urlopen(
                     method,
@@ -596,23 +801,34 @@ class ImageLoader:
                 )
             except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
                 pool.close()
+                deadline.release()
                 last_error = exc
                 continue
             except urllib3.exceptions.HTTPError as exc:
                 pool.close()
+                deadline.release()
+                if deadline.passed():
+                    raise self._timed_out(url, in_body=False) from exc
                 raise _FetchError(f"{_display_url(url)}: request failed: {exc}", transient=True) from exc
             try:
+                if deadline.passed():  # the watchdog's shutdown can end a header block early
+                    raise self._timed_out(url, in_body=False)
                 yield response
             finally:
                 response.release_conn()
                 pool.close()
+                deadline.release()
             return
+        if deadline.passed():
+            raise self._timed_out(url, in_body=False)
         raise _FetchError(f"{_display_url(url)}: cannot connect: {last_error}", transient=True)
 
-    def _pool(self, parts: SplitResult, address: str, timeout: urllib3.Timeout) -> urllib3.HTTPConnectionPool:
+    def _pool(
+        self, parts: SplitResult, address: str, timeout: urllib3.Timeout, deadline: _Deadline
+    ) -> urllib3.HTTPConnectionPool:
         port = _port(parts)
         if parts.scheme.lower() == "https":
-            return urllib3.HTTPSConnectionPool(
+            return _WatchedHTTPSPool(
                 address,
                 port,
                 timeout=timeout,
@@ -621,8 +837,9 @@ class ImageLoader:
                 ca_certs=ca_bundle_path(),
                 server_hostname=parts.hostname,
                 assert_hostname=parts.hostname,
+                deadline=deadline,
             )
-        return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+        return _WatchedHTTPPool(address, port, timeout=timeout, retries=False, deadline=deadline)
 
     def _checked_addresses(self, parts: SplitResult, ls: _LabelStudio | None) -> list[IPAddress]:
         """The host's addresses, after the SSRF guard (see the module docstring)."""
@@ -637,24 +854,31 @@ class ImageLoader:
         except (socket.gaierror, UnicodeError) as exc:
             raise _FetchError(f"{shown}: cannot resolve host {host!r}: {exc}") from exc
         addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
-        exempt = host in self._allowed_hosts or (ls is not None and (scheme, host, port) == ls.origin)
+        is_label_studio = ls is not None and (scheme, host, port) == ls.origin
+        # only the operator's LABEL_STUDIO_URL: a /setup hostname is whatever a client posted
+        exempt = host in self._allowed_hosts or (is_label_studio and ls is not None and ls.configured)
         for address in addresses:
-            unwrapped = getattr(address, "ipv4_mapped", None) or address
-            if unwrapped in METADATA_ADDRESSES:
+            if _is_metadata(address):
                 raise _FetchError(f"refused to fetch {shown}: {host} resolves to {address} (cloud metadata address)")
             if exempt or any(address in network for network in self._allowed_networks):
                 continue
             reason = _not_public_reason(address)
+            if reason and is_label_studio:
+                raise _FetchError(
+                    f"refused to fetch {shown}: {host} resolves to {address} (not public: {reason}); a Label "
+                    "Studio URL sent to /setup is not trusted with private addresses: set LABEL_STUDIO_URL to "
+                    f"this Label Studio or add {host} to ALLOWED_IMAGE_HOSTS"
+                )
             if reason:
                 raise _FetchError(
                     f"refused to fetch {shown}: {host} resolves to {address} (not public: {reason}); only "
-                    "public addresses, the Label Studio host and ALLOWED_IMAGE_HOSTS are fetched"
+                    "public addresses, the LABEL_STUDIO_URL host and ALLOWED_IMAGE_HOSTS are fetched"
                 )
         return addresses
 
     # ------------------------------------------------------------------ tokens
 
-    def _authorization(self, ls: _LabelStudio, force_refresh: bool = False) -> str:
+    def _authorization(self, ls: _LabelStudio, deadline: _Deadline, force_refresh: bool = False) -> str:
         """The Authorization header value for Label Studio (see the module docstring)."""
         claims = _jwt_claims(ls.token)
         if claims is None:
@@ -669,7 +893,7 @@ class ImageLoader:
             if refused is not None and time.monotonic() - refused[0] < TOKEN_REFUSAL_MEMORY_S:
                 raise _FetchError(refused[1])
             try:
-                access = self._exchange_refresh_token(ls)
+                access = self._exchange_refresh_token(ls, deadline)
             except _FetchError as exc:
                 if not exc.transient:
                     with self._lock:
@@ -680,13 +904,19 @@ class ImageLoader:
                 self._refused_tokens.pop(key, None)
         return f"Bearer {access}"
 
-    def _exchange_refresh_token(self, ls: _LabelStudio) -> str:
+    def _exchange_refresh_token(self, ls: _LabelStudio, deadline: _Deadline) -> str:
         url = f"{ls.base_url}/api/token/refresh/"
         body = json.dumps({"refresh": ls.token}).encode()
         headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json", "Accept": "application/json"}
-        with self._request("POST", url, headers, ls, body=body) as response:
+        with self._request("POST", url, headers, ls, deadline, body=body) as response:
             status = response.status
-            payload = response.read(64 * 1024)
+            try:
+                payload = response.read(64 * 1024)
+            except urllib3.exceptions.HTTPError as exc:
+                # transient either way: only Label Studio's answer may mark the token as refused
+                if deadline.passed():
+                    raise self._timed_out(url, in_body=False) from exc
+                raise _FetchError(f"{_display_url(url)}: answer interrupted: {exc}", transient=True) from exc
         if status != 200:
             transient = status in RETRY_STATUSES
             raise _FetchError(

@@ -3,12 +3,14 @@
 One path from task ids to stored predictions, shared by ``grounded-sam-backend preannotate``,
 the RQ workers and anything else that posts predictions through the API:
 
-1. ``make_plan`` lists the ids in scope (the project, a Data Manager view, or given ids) and
-   drops those already holding a prediction of the current ``model_version``. So a second run
-   does nothing, an interrupted run resumes, and failed tasks (never posted) are tried again.
-2. ``process_batch`` fetches the batch's task data, runs ``Predictor.predict_tasks`` (the
-   ``/predict`` pipeline: same regions, same ``model_version``) and hands the good items to
-   ``post_predictions``.
+1. ``make_plan`` reads the project's prediction mode from its ML backend connection (the
+   extra params Label Studio hands to ``/setup``), lists the ids in scope (the project, a Data
+   Manager view, or given ids) and drops those already holding a prediction of the current
+   ``model_version``. So a second run does nothing, an interrupted run resumes, and failed
+   tasks (never posted) are tried again. Its Label Studio calls are retried like posting.
+2. ``process_batch`` fetches the batch's task data, runs ``Predictor.predict_tasks`` in the
+   plan's mode (the ``/predict`` pipeline: same regions, same ``model_version``) and hands the
+   good items to ``post_predictions``.
 3. ``post_predictions`` is idempotent: right before posting it asks Label Studio which of the
    tasks already hold this ``model_version`` and posts only the others, all in one request.
    A transient failure (5xx, 429, timeout, dropped connection) repeats check-and-post with
@@ -16,8 +18,10 @@ the RQ workers and anything else that posts predictions through the API:
    answer (a timeout, a killed worker) is not stored twice.
 
 Scale-out: ``enqueue_plan`` turns the plan into RQ jobs of one batch each
-(``preannotate_chunk``); ``run_worker`` runs them in a ``ModelWorker`` that loads the models
-once per process; ``follow`` aggregates the jobs' results for ``preannotate --wait``.
+(``preannotate_chunk``), re-run after ``RETRY_INTERVALS_S`` when they fail; ``run_worker`` runs
+them in a ``ModelWorker`` that loads the models once per process, with RQ's scheduler (which
+puts those delayed re-runs back on the queue); ``follow`` aggregates the jobs' results for
+``preannotate --wait``.
 
 ``GSB_PREDICTOR_FACTORY=module:function`` replaces the model loading of both, and of ``serve``
 (tests point it at fake models; an extension can plug in its own). The function takes
@@ -53,7 +57,9 @@ from backend.config import ConfigError, Settings
 from backend.labeling import parse_label_config
 from backend.ls_client import LabelStudioClient
 from backend.metrics import Metrics
+from backend.pipelines.everything import check_mode
 from backend.predictor import Credentials, Predictor, model_version_for
+from backend.protocol import SetupRequest, ValidationError, describe_validation_error
 
 if TYPE_CHECKING:
     from backend.app import PredictorFactory
@@ -67,6 +73,10 @@ QUEUE_NAME = "grounded-sam-preannotate"
 # Results and failures stay readable this long, for --wait clients that attach late.
 RESULT_TTL_S = 7 * 24 * 3600
 EXIT_INTERRUPTED = 130  # the shell's convention for "stopped by SIGINT"
+# Delays before RQ re-runs a failed job (one re-run per entry). Each run already retried Label
+# Studio's transient errors for about 15 s (``DEFAULT_BACKOFF``): an outage that outlasts that
+# is given minutes to end, not three immediate re-runs that fail the same way.
+RETRY_INTERVALS_S = (30, 120, 300)
 
 
 # --------------------------------------------------------------------------- models
@@ -246,6 +256,47 @@ def _post_checked(
 # --------------------------------------------------------------------------- planning
 
 
+def project_mode(
+    client: LabelStudioClient, project: int, label_config: str, backoff: Backoff = DEFAULT_BACKOFF
+) -> str | None:
+    """The prediction mode the project's ML backend connection sets in its extra params
+    (``{"prediction_mode": "everything"}``), or None for the deployment's PREDICTION_MODE (no
+    backend connected, or none sets a mode).
+
+    The server learns it from ``/setup``, so each connection's extra params are read as the
+    ``/setup`` request Label Studio sends, through ``SetupRequest``: the run predicts in the
+    mode, and under the ``model_version``, that ``/predict`` uses. Raises ``ConfigError`` for
+    a mode the server refuses too, or for connections that set different modes (which one is
+    this backend cannot be told from here).
+    """
+    connections = backoff.run(
+        lambda: client.ml_backend_extra_params(project), f"listing project {project}'s ML backends"
+    )
+    modes: set[str] = set()
+    for extra_params in connections:
+        try:
+            setup = SetupRequest.model_validate({"schema": label_config, "extra_params": extra_params})
+        except ValidationError as exc:
+            raise ConfigError(
+                f"project {project}'s ML backend extra_params: {describe_validation_error(exc)}"
+            ) from exc
+        mode = (setup.extra_params or {}).get("prediction_mode")
+        if mode is None:
+            continue
+        if not isinstance(mode, str):
+            raise ConfigError(f"project {project}'s ML backend extra_params: prediction_mode {mode!r} is not a string")
+        try:
+            modes.add(check_mode(mode))
+        except ConfigError as exc:
+            raise ConfigError(f"project {project}'s ML backend extra_params: {exc}") from exc
+    if len(modes) > 1:
+        raise ConfigError(
+            f"project {project}'s ML backends set different prediction modes ({', '.join(sorted(modes))}); "
+            "keep one prediction_mode in their extra params"
+        )
+    return modes.pop() if modes else None
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run will do, decided before any model is loaded."""
@@ -259,6 +310,7 @@ class Plan:
     deferred: int = 0  # left for a later run by --limit
     not_found: list[int] = field(default_factory=list)  # given ids that are not in the project
     overwrite: bool = False  # replace predictions of model_version instead of skipping them
+    mode: str | None = None  # the project's prediction mode; None: the deployment's PREDICTION_MODE
 
     def start_summary(self) -> RunSummary:
         """Totals before any batch: the skipped tasks, and given ids not found as failures."""
@@ -275,17 +327,28 @@ def make_plan(
     task_ids: Sequence[int] | None = None,
     limit: int | None = None,
     overwrite: bool = False,
+    backoff: Backoff = DEFAULT_BACKOFF,
 ) -> Plan:
     """List the tasks in scope and keep those still lacking a prediction of the current
-    ``model_version`` (all of them with ``overwrite``), at most ``limit``.
+    ``model_version`` (all of them with ``overwrite``), at most ``limit``. The version is the
+    one ``/predict`` gives this project: its label config and its connection's prediction mode
+    (``project_mode``). Label Studio's transient errors are retried with ``backoff``, as when
+    posting: a restart during planning should not end a run that would resume after it.
 
-    Raises ``LabelConfigError`` when the project's config has nothing this backend can output.
+    Raises ``LabelConfigError`` when the project's config has nothing this backend can output,
+    ``ConfigError`` when its connection's extra params name no valid mode.
     """
-    label_config = client.get_label_config(project)
-    model_version = model_version_for(settings, parse_label_config(label_config, settings.label_prompts))
+    label_config = backoff.run(lambda: client.get_label_config(project), f"reading project {project}'s label config")
+    mode = project_mode(client, project, label_config, backoff)
+    model_version = model_version_for(settings, parse_label_config(label_config, settings.label_prompts), mode)
     wanted = list(dict.fromkeys(task_ids)) if task_ids is not None else None
-    ids = client.task_ids(project, view=view, ids=wanted)
-    have = set() if overwrite else client.ids_with_model_version(project, model_version)
+    ids = backoff.run(lambda: client.task_ids(project, view=view, ids=wanted), f"listing project {project}'s tasks")
+    have: set[int] = set()
+    if not overwrite:
+        have = backoff.run(
+            lambda: client.ids_with_model_version(project, model_version),
+            f"listing project {project}'s tasks predicted as {model_version}",
+        )
     remaining = [i for i in ids if i not in have]
     todo = remaining if limit is None else remaining[:limit]
     return Plan(
@@ -298,6 +361,7 @@ def make_plan(
         deferred=len(remaining) - len(todo),
         not_found=sorted(set(wanted) - set(ids)) if wanted is not None else [],
         overwrite=overwrite,
+        mode=mode,
     )
 
 
@@ -346,12 +410,14 @@ def process_batch(
     model_version: str,
     *,
     overwrite: bool = False,
+    mode: str | None = None,
     backoff: Backoff = DEFAULT_BACKOFF,
 ) -> BatchResult:
-    """Predict and post one batch. Tasks predicted meanwhile (by another run, or by a worker
-    that died after posting) are skipped before the models run; tasks deleted meanwhile are
-    skipped too. Raises ``ValueError`` when this process computes another ``model_version``
-    than the plan's (other models, thresholds or label prompts than the planning process)."""
+    """Predict (in the project's ``mode``, see ``project_mode``) and post one batch. Tasks
+    predicted meanwhile (by another run, or by a worker that died after posting) are skipped
+    before the models run; tasks deleted meanwhile are skipped too. Raises ``ValueError`` when
+    this process computes another ``model_version`` than the plan's (other models, thresholds
+    or label prompts than the planning process)."""
     label = f"batch of {len(task_ids)} tasks of project {project}"
     predicted: set[int] = set()
     if not overwrite:
@@ -362,7 +428,7 @@ def process_batch(
     result = BatchResult(skipped=[i for i in task_ids if i not in found])
     if not tasks:
         return result
-    items = predictor.predict_tasks(tasks, label_config, _credentials(predictor.settings))
+    items = predictor.predict_tasks(tasks, label_config, _credentials(predictor.settings), mode)
     versions = {item.get("model_version") for item in items}
     if versions != {model_version}:
         raise ValueError(
@@ -434,7 +500,7 @@ def run_batches(
         try:
             result = process_batch(
                 client, predictor, plan.project, plan.label_config, batch, plan.model_version,
-                overwrite=plan.overwrite, backoff=backoff,
+                overwrite=plan.overwrite, mode=plan.mode, backoff=backoff,
             )
         except Exception as exc:
             log.exception("batch of tasks %s..%s failed", batch[0], batch[-1])
@@ -503,14 +569,17 @@ def enqueue_plan(
     *,
     batch_size: int,
     job_timeout_s: int = 3600,
-    retries: int = 3,
+    retry_intervals_s: Sequence[int] = RETRY_INTERVALS_S,
 ) -> tuple[list[Job], list[Job]]:
     """Enqueue ``plan.todo`` as jobs of ``batch_size`` tasks; returns ``(attached, new)``.
 
     Tasks already covered by an active job of an earlier call (same project and version) are
     not enqueued again: that job is returned in ``attached`` so the caller can follow it.
-    ``Retry(max=retries)`` re-runs a job that raised or whose worker died (requeued by the
-    registry cleanup, see ``follow``); re-runs are harmless because posting is checked.
+    A job that raised or whose worker died (found by the registry cleanup, see ``follow``) is
+    re-run once per entry of ``retry_intervals_s``, that many seconds later: RQ parks it in the
+    queue's scheduled registry, and a worker's scheduler (``run_worker``) puts it back on the
+    queue when due (an empty ``retry_intervals_s``: no re-run). Re-runs are harmless because
+    posting is checked.
     """
     attached = active_jobs(queue, plan.project, plan.model_version)
     covered = {int(i) for job in attached for i in job.kwargs.get("task_ids", [])}
@@ -523,9 +592,10 @@ def enqueue_plan(
                 "task_ids": chunk,
                 "model_version": plan.model_version,
                 "overwrite": plan.overwrite,
+                "mode": plan.mode,
             },
             timeout=job_timeout_s,
-            retry=Retry(max=retries),
+            retry=Retry(max=len(retry_intervals_s), interval=list(retry_intervals_s)) if retry_intervals_s else None,
             result_ttl=RESULT_TTL_S,
             failure_ttl=RESULT_TTL_S,
             description=f"pre-annotate project {plan.project} tasks {chunk[0]}..{chunk[-1]} ({len(chunk)})",
@@ -633,16 +703,17 @@ def init_worker(settings: Settings | None = None) -> _WorkerContext:
 
 
 def preannotate_chunk(
-    project: int, task_ids: list[int], model_version: str, overwrite: bool = False
+    project: int, task_ids: list[int], model_version: str, overwrite: bool = False, mode: str | None = None
 ) -> dict[str, Any]:
-    """RQ job: pre-annotate ``task_ids`` of ``project`` (see ``process_batch``); returns
-    ``BatchResult.as_dict()``. Safe to run twice: posting is checked."""
+    """RQ job: pre-annotate ``task_ids`` of ``project`` in the planned ``mode`` (see
+    ``process_batch``); returns ``BatchResult.as_dict()``. Safe to run twice: posting is checked."""
     context = init_worker()
     label_config = DEFAULT_BACKOFF.run(
         lambda: context.client.get_label_config(project), f"reading project {project}'s label config"
     )
     result = process_batch(
-        context.client, context.predictor, project, label_config, task_ids, model_version, overwrite=overwrite
+        context.client, context.predictor, project, label_config, task_ids, model_version,
+        overwrite=overwrite, mode=mode,
     )
     log.info(
         "project %s: %d done, %d skipped, %d failed", project, len(result.done), len(result.skipped), len(result.failed)
@@ -697,7 +768,12 @@ def run_worker(
 
     Registry maintenance (re-queueing a dead worker's job) runs every ``10 * heartbeat_s``
     seconds instead of RQ's ten minutes; the idle wait for a job is bounded likewise so an idle
-    worker gets to it.
+    worker gets to it. The worker also runs RQ's scheduler: failed jobs wait for their retry
+    interval in the scheduled registry, and without a scheduler nothing would ever enqueue
+    them again (one worker per queue holds the scheduler's lock; when it stops, another takes
+    the lock at its next maintenance). It runs in a process forked from this one after the
+    models are loaded, and only talks to Redis, so the loaded models (and CUDA) are never used
+    from it.
     """
     init_worker(settings)  # a wrong model id or a missing key fails here, not in the first job
     worker = ModelWorker(
@@ -708,4 +784,4 @@ def run_worker(
         maintenance_interval=10 * heartbeat_s,
         worker_ttl=10 * heartbeat_s + 15,  # RQ waits worker_ttl - 15 s for a job, then maintains
     )
-    return worker.work(burst=burst, logging_level=settings.log_level)
+    return worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=True)

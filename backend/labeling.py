@@ -179,7 +179,9 @@ def _prompts_for(value: str, attrs: Mapping[str, Any], overrides: Mapping[str, A
     hint = attrs.get("hint")
     if hint and split_prompt(hint):
         return split_prompt(hint)
-    return split_prompt(value) or (value.strip(),)
+    # the label name is one phrase even with a "." in it ("St. Bernard"): only LABEL_PROMPTS and
+    # hint use " . " between synonyms, the way GroundingDINO captions separate phrases
+    return (value.strip(),)
 
 
 def _mode_for(value: str, attrs: Mapping[str, Any], overrides: Mapping[str, Any]) -> str:

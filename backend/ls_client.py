@@ -71,6 +71,11 @@ class LabelStudioClient:
 
     # ---- batch pre-annotation (backend.jobs): ids first, task data batch by batch
 
+    def ml_backend_extra_params(self, project: int) -> list[Any]:
+        """The ``extra_params`` of every ML backend connected to ``project``, as Label Studio
+        stores them (what it sends to the backend's ``/setup``); empty when none is connected."""
+        return [backend.extra_params for backend in self._client.ml.list(project=project)]
+
     def task_ids(self, project: int, *, view: int | None = None, ids: Sequence[int] | None = None) -> list[int]:
         """Ids of the project's tasks in Label Studio's order: all of them, those a Data Manager
         ``view`` shows (its filters and ordering), or those of ``ids`` that exist in the project.

@@ -129,9 +129,14 @@ class Predictor:
                 self._text_prompts.popitem(last=False)
         log.info("project %s: remembered phrase %r for label %r", project_key, text, label)
 
-    def params(self, project: ProjectConfig) -> PreannotateParams:
-        """Environment thresholds, overridden by the project's ``<Number>`` tags."""
+    def params(self, project: ProjectConfig, mode: str | None = None) -> PreannotateParams:
+        """Environment thresholds, overridden by the project's ``<Number>`` tags. A project
+        that only draws rectangles in the grounded mode gets the detector's boxes without
+        running SAM, unless it has smart tags: then pre-annotation still computes the image
+        embedding, so the annotator's first click is warm (the everything modes need SAM's
+        masks whatever the outputs)."""
         s = self.settings
+        grounded_only = (mode or s.prediction_mode) == "grounded"
         return PreannotateParams(
             box_threshold=project.thresholds.get("box_threshold", s.box_threshold),
             text_threshold=project.thresholds.get("text_threshold", s.text_threshold),
@@ -141,6 +146,9 @@ class Predictor:
             mask_nms_iou=s.mask_nms_iou,
             min_region_area=s.min_region_area,
             max_detections=s.max_detections,
+            segment_boxes=not grounded_only
+            or bool(project.prompt_controls)
+            or any(control.is_mask for control in project.outputs),
         )
 
     def model_version(self, project: ProjectConfig | None = None, mode: str | None = None) -> str:
@@ -215,7 +223,7 @@ class Predictor:
                     self.segmenter,
                     self.cache,
                     self.auto_models,
-                    self.params(project),
+                    self.params(project, mode),
                     self.auto_params,
                     version,
                     self.concept_segmenter,
@@ -255,34 +263,43 @@ class Predictor:
         ``prewarm`` event, no regions but the image embedding cached for the clicks to come.
 
         Raises ``InteractiveError`` (the caller answers 4xx with its sentence) for a context
-        that cannot be turned into a prompt; an unreachable image is an ``error`` item as in
-        batch mode.
+        that cannot be turned into a prompt; an unreachable image, and a model that fails on
+        this image, are ``error`` items as in batch mode: the failure is the task's, not the
+        request's, and Label Studio shows the item's sentence where a 500 shows nothing useful.
         """
         project = self.project(label_config)
         version = self.model_version(project)
+        task_id = task.get("id")
         try:
             loaded = self.images.load(task, project.image_value_key, creds.hostname, creds.access_token)
         except ImageLoadError as exc:
             self.metrics.errors.labels(kind="image").inc()
-            return {"error": f"task {task.get('id')}: {exc}", "model_version": version}
-        if context.get("event") == "prewarm":
+            return {"error": f"task {task_id}: {exc}", "model_version": version}
+        try:
+            if context.get("event") == "prewarm":
+                with self.gate.interactive():
+                    image_embedding(loaded.image, loaded.sha256, self.segmenter, self.cache)
+                return self._item([], version)
+            request = parse_context(context, project, loaded.width, loaded.height)
             with self.gate.interactive():
-                image_embedding(loaded.image, loaded.sha256, self.segmenter, self.cache)
-            return self._item([], version)
-        request = parse_context(context, project, loaded.width, loaded.height)
-        with self.gate.interactive():
-            if request.text is not None:
-                self.remember_text_prompt(project_key, request.label, request.text)
-                instances = run_text_prompt(
-                    request, loaded.image, loaded.sha256, self.detector, self.segmenter, self.cache,
-                    self.params(project), self.concept_segmenter,
-                )
-            else:
-                instances = run_clicks(
-                    request, task, loaded.image, loaded.sha256, self.segmenter, self.cache, self.memory,
-                    self.settings.refine_existing,
-                )
-        regions = self.encode(project, instances, loaded.width, loaded.height, [request.control])
+                if request.text is not None:
+                    self.remember_text_prompt(project_key, request.label, request.text)
+                    instances = run_text_prompt(
+                        request, loaded.image, loaded.sha256, self.detector, self.segmenter, self.cache,
+                        self.params(project), self.concept_segmenter,
+                    )
+                else:
+                    instances = run_clicks(
+                        request, task, loaded.image, loaded.sha256, self.segmenter, self.cache, self.memory,
+                        self.settings.refine_existing,
+                    )
+            regions = self.encode(project, instances, loaded.width, loaded.height, [request.control])
+        except InteractiveError:
+            raise  # the context's fault, not the model's: the caller answers 4xx with its sentence
+        except Exception as exc:  # the model failed on this task: the batch path's error item
+            self.metrics.errors.labels(kind="internal").inc()
+            log.exception("task %s: interactive prediction failed", task_id)
+            return {"error": f"task {task_id}: {type(exc).__name__}: {exc}", "model_version": version}
         return self._item(regions, version)
 
     def predict_tasks(

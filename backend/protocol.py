@@ -7,11 +7,19 @@ untouched as ``extra`` fields, so parsing cost does not grow with it.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["PredictRequest", "SetupRequest", "ValidationError", "WebhookEvent", "describe_validation_error"]
+__all__ = [
+    "PredictRequest",
+    "SetupRequest",
+    "ValidationError",
+    "WebhookEvent",
+    "describe_validation_error",
+    "parse_extra_params",
+]
 
 
 class _Lenient(BaseModel):
@@ -49,13 +57,46 @@ class SetupRequest(_Lenient):
 
     @field_validator("extra_params", mode="before")
     @classmethod
-    def _empty_extra_params(cls, value: Any) -> Any:
-        # Label Studio sends "" or null when the connection form's extra params are empty.
-        return None if value in ("", None) else value
+    def _extra_params_text(cls, value: Any) -> dict[str, Any] | None:
+        return parse_extra_params(value)
 
 
 class WebhookEvent(_Lenient):
     action: str = Field(min_length=1, max_length=128)  # it is echoed and kept: bound it
+
+
+def parse_extra_params(value: Any) -> dict[str, Any] | None:
+    """A connection's extra params as a dict, or None when there are none.
+
+    Label Studio's connection form (1.23.2) has a free-text box for them and ``/setup``
+    receives what the user typed as a JSON *string*; ``""``, whitespace, null and the text
+    ``null`` mean none. A JSON object may also arrive already parsed (API clients). Anything
+    else raises ``ValueError`` (a 400 through pydantic) rather than being ignored: ignoring it
+    would silently run another prediction mode than the user asked for.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"extra params must be a JSON object such as {_EXAMPLE}, not {_clip(text)}") from exc
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise ValueError(f"extra params must be a JSON object such as {_EXAMPLE}, not a JSON {kind}")
+    return value
+
+
+_EXAMPLE = '{"prediction_mode": "everything"}'
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """``text`` quoted and cut to ``limit`` characters: it is echoed in the error and logs."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def project_id(project: str | int | None) -> str | None:

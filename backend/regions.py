@@ -129,7 +129,7 @@ def encode_instance(
         if not mask.any():
             return []
     if control.type == "rectanglelabels":
-        geometries = _rectangle_geometries(instance, mask, width, height)
+        geometries = _rectangle_geometries(instance, width, height)
     elif mask is None:
         raise ValueError(f"a {control.type} output needs a mask; instance {instance.label!r} has none")
     elif control.type == "brushlabels":
@@ -149,20 +149,15 @@ def encode_instance(
     ]
 
 
-def _rectangle_geometries(
-    instance: Instance, mask: np.ndarray | None, width: int, height: int
-) -> list[dict[str, Any]]:
-    """The mask's pixel bounds (or the clipped box without a mask) in percent; none when empty."""
-    if mask is not None:
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        x0, y0, x1, y1 = float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
-    else:
-        x0, y0, x1, y1 = (float(v) for v in instance.box)
-        x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
-        y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-        if x1 <= x0 or y1 <= y0:
-            return []
+def _rectangle_geometries(instance: Instance, width: int, height: int) -> list[dict[str, Any]]:
+    """The instance's box, clipped to the image, in percent; none when empty. On the grounded
+    route that is the detector's box (the issue's "box -> rectangle"); clicks and the
+    everything mode set the box to their mask's pixel bounds."""
+    x0, y0, x1, y1 = (float(v) for v in instance.box)
+    x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+    y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+    if x1 <= x0 or y1 <= y0:
+        return []
     return [
         {
             "x": x0 / width * 100.0,

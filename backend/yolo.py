@@ -8,6 +8,11 @@ Layout written under the output directory::
                          normalised to [0, 1] by the image width / height; an image without
                          objects gets an empty file (a background image)
 
+The export is all or nothing: files are written to a temporary directory beside the output,
+then ``labels/`` and ``data.yaml`` replace the output's by renaming (a label file of an earlier
+export does not linger; ``images/`` and other files are left alone). A failure leaves the
+output as it was.
+
 A YOLO line holds ONE polygon, while a Label Studio region can have several parts and holes.
 Convention used here (the one Ultralytics' own COCO converter uses for multi-part objects,
 extended to holes): every outer boundary and every hole boundary of the object is traced, and
@@ -29,7 +34,11 @@ are background components that do not touch the image border (4-connected, the d
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,7 +46,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from backend.coco import CocoError, file_name_candidates, object_mask, write_text_atomic
+from backend.coco import CocoError, file_name_candidates, object_mask
 from backend.regions import mask_to_polygons
 
 COORD_FORMAT = "{:.6f}"  # 1e-6 of the image side: below 0.01 px up to 10000 px images
@@ -126,9 +135,30 @@ def coco_to_yolo(dataset: Mapping[str, Any], polygon_tolerance: float = 1.0) -> 
 
 
 def write_yolo(dataset: Mapping[str, Any], out_dir: str | Path, polygon_tolerance: float = 1.0) -> dict[str, str]:
-    """Convert ``dataset`` and write it under ``out_dir`` (each file atomically); returns the files."""
+    """Convert ``dataset`` and put it under ``out_dir`` all at once (see the module doc); returns
+    the files. Writing file by file into the output would leave a mix of old and new label
+    files when a write fails, and stale label files of images no longer exported."""
     files = coco_to_yolo(dataset, polygon_tolerance)
     root = Path(out_dir)
-    for relative, text in files.items():
-        write_text_atomic(root / relative, text)
-    return files
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    try:
+        for relative, text in files.items():
+            path = staging / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        if not root.exists():
+            staging.rename(root)
+            return files
+        labels, previous = root / "labels", staging / "labels.previous"
+        with contextlib.ExitStack() as undo:  # on failure, put back what was already moved
+            if labels.exists():
+                labels.rename(previous)
+                undo.callback(previous.rename, labels)
+            (staging / "labels").rename(labels)
+            undo.callback(labels.rename, staging / "labels")
+            os.replace(staging / "data.yaml", root / "data.yaml")
+            undo.pop_all()
+        return files
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -193,7 +193,7 @@ def main() -> None:
     segmenter = TimedSegmenter(
         load_segmenter(Settings(segmenter_model=str(paths.segmenter), device="cpu", dtype=args.dtype))
     )
-    timer = ForwardTimer({"encoder": segmenter.inner.model.vision_encoder, "decoder": segmenter.inner.model})
+    timer = ForwardTimer({"encoder": segmenter.inner.model.vision_encoder, "decoder": segmenter.inner.decoder_module})
     image = synthetic_image(width, height)
     sha = pixel_sha256(image)
     params = EverythingParams(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch)

@@ -11,13 +11,15 @@ five fixed boxes (two cats, one dog, two persons): every variant segments the sa
 Variants, run alternately in one process (ours, naive, ours, naive, ..., ours):
 
 * ours: ``pipelines.preannotate`` on a cold embedding cache (the first sight of an image):
-  one detector forward for all labels, one encoder forward, the boxes through the decoder as
-  SEGMENTER_BATCH_SIZE says, masks encoded as Label Studio brush RLE.
+  one detector forward for all labels, one encoder forward, the boxes through the (folded)
+  decoder as SEGMENTER_BATCH_SIZE says, masks encoded as Label Studio brush RLE.
 * naive: what a backend without these choices does: float32, the detector, then for each box
-  the image encoder again and one decoder call, masks encoded with the SDK's ``mask2rle``.
+  the image encoder again and one call of transformers' decoder, masks encoded with the SDK's
+  ``mask2rle``.
 
-Forward hooks time the raw detector, encoder and decoder forwards inside each run, so the
-table compares each pipeline with the model floor measured in the same run. Then 16 boxes ->
+Forward hooks time the raw detector, encoder and decoder forwards inside each run (ours: the
+folded decoder, naive: transformers' ``SamModel.forward``), so the table compares each
+pipeline with the model floor measured in the same run. Then 16 boxes ->
 masks on one cached embedding, per decoder batch size and thread count, alternately; the
 peak RSS is read after loading and after the first pre-annotation.
 """
@@ -84,17 +86,16 @@ class FixedBoxes:
 
 
 @contextlib.contextmanager
-def float32(*models: Any) -> Iterator[None]:
-    """Run ``models`` in float32 for the naive baseline whatever DTYPE resolved to (the
-    adapters read ``dtype`` at every forward)."""
-    saved = [model.dtype for model in models]
-    for model in models:
-        model.dtype = torch.float32
+def naive_models(detector: Any, segmenter: SamSegmenter) -> Iterator[None]:
+    """The naive baseline's models: float32 whatever DTYPE resolved to, and SAM's decoder as
+    transformers runs it (not folded). The adapters read both at every call."""
+    saved = (detector.dtype, segmenter.dtype, segmenter.folded_decoder)
+    detector.dtype = segmenter.dtype = torch.float32
+    segmenter.folded_decoder = None
     try:
         yield
     finally:
-        for model, dtype in zip(models, saved, strict=True):
-            model.dtype = dtype
+        detector.dtype, segmenter.dtype, segmenter.folded_decoder = saved
 
 
 def run_ours(image: Image.Image, sha: str, detector: FixedBoxes, segmenter: SamSegmenter) -> int:
@@ -107,7 +108,7 @@ def run_ours(image: Image.Image, sha: str, detector: FixedBoxes, segmenter: SamS
 
 
 def run_naive(image: Image.Image, detector: FixedBoxes, segmenter: SamSegmenter) -> int:
-    with float32(detector.inner, segmenter):
+    with naive_models(detector.inner, segmenter):
         detections = detector.detect(image, list(LABEL_WORDS), 0.3, 0.25)
         for detection in detections:
             embedding = segmenter.embed(image)
@@ -193,7 +194,12 @@ def main() -> None:
     detector, segmenter = FixedBoxes(bundle.detector), bundle.segmenter
     batch_size = segmenter.max_batch_size  # SEGMENTER_BATCH_SIZE as resolved for this device and dtype
     timer = ForwardTimer(
-        {"detector": detector.inner.model, "encoder": segmenter.model.vision_encoder, "decoder": segmenter.model}
+        {
+            "detector": detector.inner.model,
+            "encoder": segmenter.model.vision_encoder,
+            "decoder": segmenter.decoder_module,  # ours: the folded decoder
+            "raw_decoder": segmenter.model,  # the naive pipeline's: transformers' own forward
+        }
     )
     image = synthetic_image(WIDTH, HEIGHT)
     sha = hashlib.sha256(image.tobytes()).hexdigest()

@@ -222,7 +222,7 @@ def _text_route(detector_folder: Path, segmenter_folder: Path, names: dict[str, 
     )
     segmenter, detector = bundle.segmenter, bundle.detector
     timer = ForwardTimer(
-        {"detector": detector.model, "encoder": segmenter.model.vision_encoder, "decoder": segmenter.model}
+        {"detector": detector.model, "encoder": segmenter.model.vision_encoder, "decoder": segmenter.decoder_module}
     )
     encoder, embedding = _embed(segmenter, image, sha, cache)
     raw_encoder = timer.reset()["encoder"]

@@ -43,7 +43,7 @@ def test_health_answers_at_once_while_models_load(make_client) -> None:
     assert response.json["status"] == "UP"
     assert response.json["model_state"] == "loading"
     setup = client.post("/setup", json={"project": "1.1", "schema": CONFIG_ALL_OUTPUTS})
-    assert setup.status_code == 200 and setup.json["model_version"].startswith("grounded-sam-")
+    assert setup.status_code == 200 and setup.json["model_version"].startswith("grounded-sam-grounded-")
 
 
 def test_health_names_the_device_auto_resolved_to_once_ready(make_client) -> None:
@@ -116,7 +116,7 @@ def test_batch_with_one_broken_image_keeps_order_and_other_results(make_client) 
     assert len(results) == 3
     assert "result" not in results[1] and "task 2" in results[1]["error"]
     for item, (width, height) in ((results[0], (640, 480)), (results[2], (480, 640))):
-        assert item["model_version"].startswith("grounded-sam-")
+        assert item["model_version"].startswith("grounded-sam-grounded-")
         assert {r["type"] for r in item["result"]} == {"brushlabels", "polygonlabels", "rectanglelabels"}
         assert all(r["original_width"] == width and r["original_height"] == height for r in item["result"])
         assert 0 < item["score"] <= 1
@@ -203,6 +203,40 @@ def test_project_mode_from_setup_extra_params_changes_version_and_is_validated(m
         "/setup", json={"schema": CONFIG_ALL_OUTPUTS, "extra_params": {"prediction_mode": "psychic"}}
     )
     assert bad.status_code == 400 and "psychic" in bad.json["detail"]
+
+
+def test_project_mode_from_extra_params_sent_as_text_like_label_studio(make_client) -> None:
+    """Label Studio 1.23's connection form keeps extra params as the text the user typed and
+    sends it as a JSON *string*; an empty form sends "" or null."""
+    client, _ = _ready_client(make_client)
+    plain = client.post("/setup", json={"project": "4.1", "schema": CONFIG_ALL_OUTPUTS}).json["model_version"]
+    for empty in ("", "  ", None):
+        answer = client.post("/setup", json={"project": "4.1", "schema": CONFIG_ALL_OUTPUTS, "extra_params": empty})
+        assert answer.status_code == 200 and answer.json["model_version"] == plain
+    as_text = client.post(
+        "/setup",
+        json={"project": "6.1", "schema": CONFIG_ALL_OUTPUTS, "extra_params": '{"prediction_mode": "everything"}'},
+    )
+    assert as_text.status_code == 200, as_text.json
+    assert as_text.json["model_version"].startswith("grounded-sam-everything-")
+    item = client.post("/predict", json={**_predict_body([image_task(1, 64, 48)]), "project": "6.1"}).json
+    assert item["results"][0]["model_version"] == as_text.json["model_version"]
+
+
+@pytest.mark.parametrize(
+    ("extra_params", "phrases"),
+    [
+        ("prediction_mode=everything", ["JSON object", "prediction_mode=everything"]),
+        ('["everything"]', ["JSON object", "not a JSON array"]),
+        ('{"prediction_mode": 5}', ["prediction_mode", "grounded, everything, grounded+everything"]),
+        ({"prediction_mode": ["everything"]}, ["prediction_mode", "grounded, everything, grounded+everything"]),
+    ],
+)
+def test_extra_params_that_are_not_a_mode_object_get_a_400_sentence(make_client, extra_params, phrases) -> None:
+    client, _ = _ready_client(make_client)
+    answer = client.post("/setup", json={"schema": CONFIG_ALL_OUTPUTS, "extra_params": extra_params})
+    assert answer.status_code == 400, answer.json
+    assert all(phrase in answer.json["detail"] for phrase in phrases), answer.json["detail"]
 
 
 class _UnnamingDetector(BoxDetector):

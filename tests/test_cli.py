@@ -27,6 +27,16 @@ def test_building_the_parser_imports_no_model_code() -> None:
     assert done.stdout.strip() == ""
 
 
+def test_batch_commands_import_no_client_or_queue_code() -> None:
+    """As its docstring says: the SDK, httpx, Redis and RQ load only when a command runs."""
+    lazy = (*HEAVY_MODULES, "label_studio_sdk", "httpx", "redis", "rq", "backend.ls_client")
+    script = f"import sys, backend.commands.batch_commands; print(','.join(m for m in {lazy!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == ""
+
+
 def test_help_lists_every_subcommand() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "backend.cli", "--help"],

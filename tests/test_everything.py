@@ -3,14 +3,17 @@ mode selection, exactly on synthetic shapes with fake models, and end to end on 
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import build_point_grid, calculate_stability_score, generate_crop_boxes
 from torchvision.ops import box_iou
 
@@ -98,6 +101,17 @@ def same_masks(found: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> b
 
 
 # ----------------------------------------------------------------------------- geometry
+
+
+def test_defaults_are_segment_anythings_automatic_mask_generator_defaults() -> None:
+    """``EverythingParams()`` (an unconfigured server) means what ``SamAutomaticMaskGenerator(sam)``
+    means, read from its signature so an upstream change shows here. Not mirrored: the model,
+    explicit point grids and the output format, which the backend decides itself."""
+    reference = inspect.signature(SamAutomaticMaskGenerator).parameters
+    ours = {spec.name: getattr(EverythingParams(), spec.name) for spec in fields(EverythingParams)}
+    assert set(reference) - set(ours) == {"model", "point_grids", "output_mode"}
+    for name, value in ours.items():
+        assert value == pytest.approx(reference[name].default), name
 
 
 @pytest.mark.parametrize("per_side", [1, 4, 32])
@@ -455,6 +469,11 @@ def test_mode_selection_changes_model_version_and_only_everything_uses_grid_sett
     assert model_version_for(Settings(non_overlapping_masks=True), project) != model_version_for(grounded, project)
     with pytest.raises(ConfigError, match="grounded, everything, grounded\\+everything"):
         model_version_for(grounded, project, "automatic")
+    for not_text in (5, ["everything"], {"mode": "everything"}):  # JSON a user may type in extra params
+        with pytest.raises(ConfigError, match="prediction_mode must be text, one of grounded, everything"):
+            model_version_for(grounded, project, not_text)  # type: ignore[arg-type]
+    assert model_version_for(grounded, project).startswith("grounded-sam-grounded-")
+    assert model_version_for(grounded, project, "Grounded + Everything").startswith("grounded-sam-grounded+everything-")
     from_env = Settings.from_env({"PREDICTION_MODE": "everything", "LABEL_MODES": '{"sky": "stuff"}'})
     assert from_env.prediction_mode == "everything" and from_env.label_modes == {"sky": "stuff"}
     with pytest.raises(ConfigError, match="PREDICTION_MODE|prediction mode"):

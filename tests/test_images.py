@@ -7,8 +7,10 @@ recorded, so tests can assert both what was sent and that a refused URL was neve
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -16,8 +18,10 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -327,8 +331,30 @@ def test_label_studio_upload_gets_the_token_and_falls_back_to_the_legacy_path(se
 def test_setup_hostname_and_token_are_used_when_no_url_is_configured(serve) -> None:
     fake = FakeLabelStudio()
     ls_url, hits = serve(fake)
-    loaded = loader().load(task("upload/1/cat.png"), "image", hostname=ls_url, access_token=LEGACY_KEY)
+    # a Label Studio on loopback: allow-listed, as a user must (the /setup hostname is no exemption)
+    images = loader(allowed_image_hosts="127.0.0.1")
+    loaded = images.load(task("upload/1/cat.png"), "image", hostname=ls_url, access_token=LEGACY_KEY)
     assert loaded.width == 48 and hits[-1].headers["authorization"] == f"Token {LEGACY_KEY}"
+
+
+def test_setup_hostname_is_no_exemption_from_the_ssrf_guard(serve) -> None:
+    # Anyone reaching the backend can post /setup: its hostname must not open loopback to them.
+    fake = FakeLabelStudio()
+    ls_url, hits = serve(fake)
+    secret_url, secret_hits = serve(lambda hit: image_response(sample_png()))
+    images = loader()
+    for value in ("/data/upload/1/cat.png", f"{ls_url}/data/upload/1/cat.png", f"{secret_url}/secret.png"):
+        with pytest.raises(ImageLoadError, match=r"127.0.0.1 \(not public: loopback\)") as refused:
+            images.load(task(value), "image", hostname=ls_url, access_token=LEGACY_KEY)
+        if not value.startswith(secret_url):
+            assert "sent to /setup is not trusted" in str(refused.value)
+            assert "set LABEL_STUDIO_URL to this Label Studio or add 127.0.0.1 to ALLOWED_IMAGE_HOSTS" in str(
+                refused.value
+            )
+    assert hits == [] and secret_hits == []
+    # the operator's LABEL_STUDIO_URL is exempt, with the /setup token when no key is set
+    configured = loader(label_studio_url=ls_url)
+    assert configured.load(task("/data/upload/1/cat.png"), "image", access_token=LEGACY_KEY).width == 48
 
 
 def test_operator_key_never_goes_to_a_hostname_named_in_a_request(serve) -> None:
@@ -431,6 +457,22 @@ def test_metadata_address_is_refused_even_when_allow_listed() -> None:
         images.load(task("http://169.254.169.254/latest/meta-data/"), "image")
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::ffff:169.254.169.254",  # IPv4-mapped
+        "64:ff9b::a9fe:a9fe",  # NAT64
+        "2002:a9fe:a9fe::1",  # 6to4
+        "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo, client 169.254.169.254 (stored inverted)
+    ],
+)
+def test_metadata_address_in_ipv6_forms_is_refused_even_when_allow_listed(monkeypatch, address: str) -> None:
+    fake_dns(monkeypatch, {"images.example": address})
+    images = loader(allowed_image_hosts=f"images.example,{address}")
+    with pytest.raises(ImageLoadError, match=r"\(cloud metadata address\)"):
+        images.load(task("http://images.example/latest/meta-data/"), "image")
+
+
 def test_names_resolving_to_private_addresses_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_dns(monkeypatch, {"intranet.example": "10.1.2.3", "v6.example": "fd12::1"})
     with pytest.raises(ImageLoadError, match=r"intranet.example resolves to 10.1.2.3 \(not public: private\)"):
@@ -529,6 +571,119 @@ def test_downloads_are_cached_in_memory_and_on_disk(serve, tmp_path: Path) -> No
 
     loader(allowed_image_hosts="127.0.0.1").load(task(f"{base}/a.png"), "image")
     assert len(hits) == 2  # no cache configured, fresh memory
+
+
+def test_a_corrupt_disk_cache_entry_is_downloaded_again_and_warned_about_once(serve, tmp_path, caplog) -> None:
+    base, hits = serve(lambda hit: image_response(sample_png()))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    urls = [f"{base}/a.png", f"{base}/b.png"]
+    for url in urls:  # what a crash or a damaged disk leaves: bytes that no longer decode
+        (cache / hashlib.sha256(url.encode()).hexdigest()).write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    images = loader(allowed_image_hosts="127.0.0.1", image_cache_dir=str(cache))
+    with caplog.at_level(logging.DEBUG, logger="backend.images"):
+        assert [images.load(task(url), "image").width for url in urls] == [48, 48]
+    assert [h.path for h in hits] == ["/a.png", "/b.png"]
+    assert all((cache / hashlib.sha256(url.encode()).hexdigest()).read_bytes() == sample_png() for url in urls)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "does not decode" in warnings[0].getMessage()
+    assert loader(allowed_image_hosts="127.0.0.1", image_cache_dir=str(cache)).load(task(urls[0]), "image")
+    assert len(hits) == 2  # the repaired entry serves a fresh process
+
+
+def test_bytes_are_cached_only_once_they_decode(serve, tmp_path: Path) -> None:
+    answers = [b"<html>login</html>", sample_png()]
+    base, hits = serve(lambda hit: image_response(answers.pop(0)))
+    images = loader(allowed_image_hosts="127.0.0.1", image_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ImageLoadError, match="not an image Pillow can read"):
+        images.load(task(f"{base}/a.png"), "image")
+    assert images.load(task(f"{base}/a.png"), "image").width == 48
+    assert len(hits) == 2
+
+
+def test_disk_cache_read_and_write_failures_are_warned_about_once(serve, tmp_path, caplog) -> None:
+    base, hits = serve(lambda hit: image_response(sample_png()))
+    cache = tmp_path / "cache"
+    urls = [f"{base}/{name}.png" for name in "abc"]
+    for url in urls:  # a directory where the entry belongs: reading and replacing it both fail
+        (cache / hashlib.sha256(url.encode()).hexdigest()).mkdir(parents=True)
+    images = loader(allowed_image_hosts="127.0.0.1", image_cache_dir=str(cache))
+    with caplog.at_level(logging.DEBUG, logger="backend.images"):
+        assert all(images.load(task(url), "image").width == 48 for url in urls)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "image cache read failed" in warnings[0] and "image cache write failed" in warnings[1]
+    assert sum("image cache write failed" in r.getMessage() for r in caplog.records) == 3  # the rest: debug
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp")]  # no partial files left behind
+    assert len(hits) == 3
+
+
+# ---------------------------------------------------------------------------- download deadline
+
+
+@contextmanager
+def dripping_headers(interval_s: float = 0.05) -> Iterator[tuple[str, list[float]]]:
+    """A server that answers a status line, then one header line per ``interval_s`` forever:
+    every read is quick, the header block never ends. Yields its URL and, per connection, the
+    seconds until the client closed it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    closed_after: list[float] = []
+
+    def drip(connection: socket.socket) -> None:
+        started = time.monotonic()
+        with connection:
+            connection.recv(65536)
+            try:
+                connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(interval_s):
+                    connection.sendall(b"X-Drip: x\r\n")
+            except OSError:  # the client closed the connection
+                closed_after.append(time.monotonic() - started)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", closed_after
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_a_server_dripping_headers_is_cut_at_the_download_deadline() -> None:
+    images = loader(allowed_image_hosts="127.0.0.1", download_timeout_s=0.5)
+    outcome: list[BaseException] = []
+    with dripping_headers() as (base, closed_after):
+
+        def load() -> None:
+            try:
+                images.load(task(f"{base}/a.png"), "image")
+            except BaseException as exc:  # the test reports whatever ended the load
+                outcome.append(exc)
+
+        started = time.monotonic()
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(5.0)  # bounded: without the deadline the load waits for the headers forever
+        elapsed = time.monotonic() - started
+        assert not worker.is_alive(), "the load was still waiting for the header block after 5 s"
+        noticed_by = time.monotonic() + 2.0  # the server notices a close at its next drip or two
+        while len(closed_after) < 3 and time.monotonic() < noticed_by:
+            time.sleep(0.05)
+    [error] = outcome
+    assert isinstance(error, ImageLoadError)
+    assert "no complete response within DOWNLOAD_TIMEOUT_S=0.5" in str(error)
+    assert "gave up after 3 tries" in str(error)
+    # three attempts of 0.5 s (plus 10 + 20 ms back-off), each connection closed at its deadline
+    assert 1.5 <= elapsed < 3.0
+    assert len(closed_after) == 3 and all(0.45 < t < 1.5 for t in closed_after), closed_after
 
 
 # ---------------------------------------------------------------------------- local files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from backend.config import Settings
 from backend.labeling import parse_label_config
+from backend.pipelines import interactive
 from backend.regions import Instance, decode_region_mask, encode_instance
 from tests.conftest import data_uri, wait_for_models
 from tests.fakes import BoxDetector, BoxFillSegmenter
@@ -201,15 +203,60 @@ def test_text_prompt_runs_the_detector_on_the_phrase(make_client) -> None:
     assert [r["value"]["brushlabels"] for r in regions] == [["dog"]]
 
 
-def test_large_body_with_megabytes_of_annotations_is_accepted(make_client) -> None:
+def _fastest_click(h: Harness, items: list[dict], extra: dict, first_task_id: int, tries: int = 3) -> float:
+    """Best of ``tries`` clicks (each on a fresh task, so no refinement memory): the least
+    disturbed by other work on a shared machine."""
+    times = []
+    for task_id in range(first_task_id, first_task_id + tries):
+        started = time.perf_counter()
+        response = h.click(items, task_id=task_id, extra_task=extra)
+        times.append(time.perf_counter() - started)
+        assert response.status_code == 200, response.json
+    return min(times)
+
+
+def test_megabytes_of_same_label_regions_decode_only_the_clicked_one(make_client, monkeypatch) -> None:
+    """A long-edited task: ~5 MB of same-label brush masks and polygons, none under the click,
+    then the region that is. Only that region is decoded, and the click costs about parsing
+    its JSON, not a decode per region."""
     h = Harness(make_client)
-    junk_rle = list(range(1_000_000))  # ~5 MB of JSON numbers, like a long-edited brush task
-    extra = {"annotations": [{"result": [{"type": "brushlabels", "value": {"rle": junk_rle, "brushlabels": ["dog"]},
-                                          "original_width": 640, "original_height": 480}]}]}
-    started = time.perf_counter()
-    response = h.click([keypoint(50.0, 25.0)], extra_task=extra)
-    assert response.status_code == 200 and response.json["results"][0]["result"]
-    assert time.perf_counter() - started < 30
+    control = parse_label_config(CONFIG).outputs[0]
+    polygons = parse_label_config(CONFIG.replace("BrushLabels", "PolygonLabels")).outputs[0]
+    rng = np.random.default_rng(0)
+    ragged = np.kron(rng.random((48, 64)) > 0.5, np.ones((10, 10), bool))  # ~40 KB of RLE
+    ragged[100:141, 300:341] = False  # not under the click at (320, 120)
+    brush = encode_instance(Instance("cat", 0.9, (0, 0, 640, 480), ragged), control, 640, 480)
+    away = np.zeros((480, 640), bool)
+    away[300:400, 20:200] = True
+    polygon = encode_instance(Instance("cat", 0.9, (20, 300, 200, 400), away), polygons, 640, 480)
+    hit = np.zeros((480, 640), bool)
+    hit[100:200, 300:400] = True
+    target = encode_instance(Instance("cat", 0.9, (300, 100, 400, 200), hit), control, 640, 480)
+    extra = {"annotations": [{"result": brush * 30 + polygon * 30}], "predictions": [{"result": target}]}
+    body_json = json.dumps(extra)
+    assert len(body_json) > 5_000_000
+
+    decoded: list[str] = []
+    original = interactive.decode_region_mask
+
+    def counting(region: dict) -> np.ndarray:
+        decoded.append(region["type"])
+        return original(region)
+
+    monkeypatch.setattr(interactive, "decode_region_mask", counting)
+    h.click([keypoint(50.0, 25.0)], extra_task=extra)
+    assert decoded == ["brushlabels"], "only the region under the click may be decoded"
+    prompt = h.segmenter.segment_calls[-1][0]
+    assert prompt.prior_mask is not None and np.array_equal(prompt.prior_mask, hit)
+
+    parse_times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        json.loads(json.dumps(extra))  # the test client encodes the body, the app decodes it
+        parse_times.append(time.perf_counter() - started)
+    empty = _fastest_click(h, [keypoint(50.0, 25.0)], {}, first_task_id=10)
+    loaded = _fastest_click(h, [keypoint(50.0, 25.0)], extra, first_task_id=20)
+    assert loaded <= 3 * empty + 3 * min(parse_times), (loaded, empty, min(parse_times))
 
 
 def test_concurrent_clicks_on_one_image_compute_the_embedding_once(make_client) -> None:

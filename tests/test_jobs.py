@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from rq.job import Job, JobStatus
 from backend import jobs
 from backend.config import ConfigError, Settings
 from backend.labeling import parse_label_config
+from backend.ls_client import LabelStudioClient
 from backend.metrics import Metrics
 from backend.predictor import Predictor, model_version_for
 from tests.batch_predictor import CAT_BOX, CAT_SCORE, FACTORY, fake_predictor
@@ -31,6 +34,7 @@ from tests.redis_server import redis_server
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="rect" toName="image"><Label value="cat"/></RectangleLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
 </View>"""
 NO_WAIT = jobs.Backoff(attempts=4, first_s=0.0)
 IMAGE = data_uri(png_bytes(32, 24))
@@ -40,7 +44,9 @@ BROKEN = "data:image/png;base64,bm90IGFuIGltYWdl"  # "not an image"
 class FakeLabelStudio:
     """The calls ``backend.jobs`` makes of ``LabelStudioClient``, on in-memory tasks and
     predictions. ``fail_import`` entries run before each import (raise to fail it, store first
-    to lose the answer); ``after_import`` runs after each stored import."""
+    to lose the answer); ``after_import`` runs after each stored import; ``fail_reads`` entries
+    (name of a read method -> errors) are raised by the next calls of that method, one each;
+    ``extra_params`` holds one entry per connected ML backend."""
 
     def __init__(self, images: dict[int, str], config: str = CONFIG) -> None:
         self.config = config
@@ -50,17 +56,30 @@ class FakeLabelStudio:
         self.after_import: Callable[[], None] = lambda: None
         self.refuse: set[int] = set()  # tasks whose predictions Label Studio answers 400 to
         self.import_calls = 0
+        self.fail_reads: dict[str, list[Exception]] = {}
+        self.extra_params: list[Any] = []
+
+    def _read(self, method: str) -> None:
+        if self.fail_reads.get(method):
+            raise self.fail_reads[method].pop(0)
 
     def get_label_config(self, project: int) -> str:
+        self._read("get_label_config")
         return self.config
 
+    def ml_backend_extra_params(self, project: int) -> list[Any]:
+        self._read("ml_backend_extra_params")
+        return list(self.extra_params)
+
     def task_ids(self, project: int, *, view: int | None = None, ids: Sequence[int] | None = None) -> list[int]:
+        self._read("task_ids")
         return [i for i in self.data if ids is None or i in ids]
 
     def tasks(self, project: int, ids: Sequence[int]) -> list[dict[str, Any]]:
         return [{"id": i, "data": dict(self.data[i])} for i in ids if i in self.data]
 
     def ids_with_model_version(self, project: int, version: str, ids: Sequence[int] | None = None) -> set[int]:
+        self._read("ids_with_model_version")
         return {
             p["task"] for p in self.predictions if p["model_version"] == version and (ids is None or p["task"] in ids)
         }
@@ -120,7 +139,7 @@ def _raise(exc: Exception) -> Callable[[Sequence[dict[str, Any]]], None]:
 
 
 def _run(ls: FakeLabelStudio, predictor: Predictor, batch_size: int = 3, **plan_args: Any) -> jobs.RunSummary:
-    plan = jobs.make_plan(ls, 1, predictor.settings, **plan_args)
+    plan = jobs.make_plan(ls, 1, predictor.settings, backoff=NO_WAIT, **plan_args)
     return jobs.run_batches(ls, predictor, plan, batch_size=batch_size, stop=threading.Event(), backoff=NO_WAIT)
 
 
@@ -154,6 +173,75 @@ def test_plan_skips_only_the_current_model_version() -> None:
     assert jobs.make_plan(ls, 1, Settings(), overwrite=True).todo == [1, 2, 3, 4, 5, 6]
     # Other thresholds are another model_version: nothing is skipped then.
     assert jobs.make_plan(ls, 1, Settings(box_threshold=0.5)).todo == [1, 2, 3, 4, 5, 6]
+
+
+def test_plan_retries_label_studio_outages_like_posting() -> None:
+    ls = FakeLabelStudio({1: IMAGE, 2: IMAGE})
+    ls.fail_reads = {
+        method: [ApiError(status_code=503, body="restarting"), httpx.ReadTimeout("slow")]
+        for method in ("get_label_config", "ml_backend_extra_params", "task_ids", "ids_with_model_version")
+    }
+    plan = jobs.make_plan(ls, 1, Settings(), backoff=NO_WAIT)
+    assert plan.todo == [1, 2] and not any(ls.fail_reads.values())
+
+    ls.fail_reads = {"task_ids": [ApiError(status_code=403, body="forbidden")]}  # not transient: no retry
+    with pytest.raises(ApiError):
+        jobs.make_plan(ls, 1, Settings(), backoff=NO_WAIT)
+
+
+def test_client_reads_the_extra_params_of_the_projects_ml_backends() -> None:
+    def label_studio(request: httpx.Request) -> httpx.Response:
+        assert (request.url.path, request.url.params["project"]) == ("/api/ml/", "7")
+        return httpx.Response(
+            200,
+            json=[
+                {"id": 1, "project": 7, "url": "http://sam:9090", "extra_params": {"prediction_mode": "everything"}},
+                {"id": 2, "project": 7, "url": "http://other:9090", "extra_params": ""},
+            ],
+        )
+
+    client = LabelStudioClient(
+        "http://label-studio.test", "key", httpx_client=httpx.Client(transport=httpx.MockTransport(label_studio))
+    )
+    assert client.ml_backend_extra_params(7) == [{"prediction_mode": "everything"}, ""]
+
+
+def test_plan_and_run_use_the_prediction_mode_of_the_projects_connection() -> None:
+    ls = FakeLabelStudio({i: IMAGE for i in range(1, 5)})
+    predictor = _predictor()
+    everything = model_version_for(Settings(), parse_label_config(CONFIG), "everything")
+    assert everything != _version()
+
+    # No ML backend connected, or one without a mode: the deployment's PREDICTION_MODE.
+    assert jobs.make_plan(ls, 1, Settings(), backoff=NO_WAIT).model_version == _version()
+    ls.extra_params = ["", None, {"other": 1}]  # Label Studio sends "" for an empty form
+    assert jobs.make_plan(ls, 1, Settings(), backoff=NO_WAIT).mode is None
+
+    ls.extra_params = ["", {"prediction_mode": " Everything"}]  # normalised as /setup does
+    plan = jobs.make_plan(ls, 1, Settings(), backoff=NO_WAIT)
+    assert (plan.mode, plan.model_version) == ("everything", everything)
+    summary = jobs.run_batches(ls, predictor, plan, batch_size=3, stop=threading.Event(), backoff=NO_WAIT)
+    assert (summary.done, summary.exit_code) == (4, 0)
+    assert ls.per_task(everything) == {1: 1, 2: 1, 3: 1, 4: 1}
+    grounded = predictor.predict_tasks(ls.tasks(1, [1]), CONFIG, jobs._credentials(predictor.settings))[0]
+    assert ls.predictions[0]["result"] != grounded["result"]  # the point grid's regions, not the detector's
+
+    # The RQ job gets the mode from the plan (see the queue test) and predicts in it.
+    ls.predictions = []
+    result = jobs.process_batch(ls, predictor, 1, CONFIG, [1, 2], everything, mode="everything", backoff=NO_WAIT)
+    assert result.done == [1, 2]
+
+    for bad, message in (
+        ({"prediction_mode": "sideways"}, "sideways"),
+        ({"prediction_mode": 3}, "not a string"),
+        ("not json params", "extra_params"),
+    ):
+        ls.extra_params = [bad]
+        with pytest.raises(ConfigError, match=message):
+            jobs.make_plan(ls, 1, Settings(), backoff=NO_WAIT)
+    ls.extra_params = [{"prediction_mode": "everything"}, {"prediction_mode": "grounded"}]
+    with pytest.raises(ConfigError, match="different prediction modes"):
+        jobs.make_plan(ls, 1, Settings(), backoff=NO_WAIT)
 
 
 # --------------------------------------------------------------------------- runs
@@ -228,6 +316,34 @@ def test_run_stops_on_a_lasting_outage_and_keeps_what_was_posted() -> None:
     summary = _run(ls, _predictor())
     assert summary.done == 3 and summary.exit_code == 1
     assert summary.error is not None and "503" in summary.error
+
+
+def test_rerun_of_a_partly_posted_job_posts_each_task_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed during its job had posted some of the chunk's tasks; RQ re-runs the job."""
+    version = _version()
+
+    # Posted before the re-run starts: skipped before the models even run.
+    ls = FakeLabelStudio({i: IMAGE for i in range(1, 5)})
+    ls.predictions = [_item(version) | {"task": i} for i in (1, 2)]
+    predictor = _predictor()
+    monkeypatch.setattr(jobs, "_worker_context", jobs._WorkerContext(predictor, ls))
+    result = jobs.BatchResult.from_dict(jobs.preannotate_chunk(1, [1, 2, 3, 4], version))
+    assert (sorted(result.done), sorted(result.skipped), result.failed) == ([3, 4], [1, 2], {})
+    assert ls.per_task(version) == {1: 1, 2: 1, 3: 1, 4: 1} and len(predictor.detector.calls) == 2
+
+    # The dead worker's POST lands while the re-run predicts (it was in flight, or the worker
+    # was only cut off from Redis): only the check right before posting can see it.
+    class LateLanding(FakeLabelStudio):
+        def tasks(self, project: int, ids: Sequence[int]) -> list[dict[str, Any]]:
+            fetched = super().tasks(project, ids)
+            self.predictions.extend(_item(version) | {"task": i} for i in (1, 2))
+            return fetched
+
+    ls = LateLanding({i: IMAGE for i in range(1, 5)})
+    monkeypatch.setattr(jobs, "_worker_context", jobs._WorkerContext(_predictor(), ls))
+    result = jobs.BatchResult.from_dict(jobs.preannotate_chunk(1, [1, 2, 3, 4], version))
+    assert (sorted(result.done), sorted(result.skipped), result.failed) == ([3, 4], [1, 2], {})
+    assert ls.per_task(version) == {1: 1, 2: 1, 3: 1, 4: 1} and ls.import_calls == 1
 
 
 def test_run_refuses_a_model_version_other_than_planned() -> None:
@@ -364,6 +480,50 @@ def test_queue_jobs_run_once_and_a_second_call_attaches(monkeypatch: pytest.Monk
         assert (summary.done, list(summary.failed), summary.exit_code) == (6, [4], 1)
         assert ls.per_task(plan.model_version) == {1: 1, 2: 1, 3: 1, 4: 0, 5: 1, 6: 1, 7: 1}
         assert jobs.active_jobs(queue, 1, plan.model_version) == []  # all over: the record is pruned
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """An RQ worker run in this process installs its own SIGINT / SIGTERM handlers."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_a_failed_job_is_rerun_after_its_interval_by_the_workers_scheduler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ls = FakeLabelStudio({i: IMAGE for i in range(1, 4)})
+    ls.extra_params = [{"prediction_mode": "everything"}]
+    predictor = _predictor()
+    monkeypatch.setattr(jobs, "_worker_context", jobs._WorkerContext(predictor, ls))
+    # RQ's command channel (not used here) polls every 60 s, and closing it can wait for the poll
+    monkeypatch.setattr(jobs.ModelWorker, "subscribe", lambda self: None)
+    with redis_server(tmp_path) as url:
+        queue = jobs.open_queue(url)
+        plan = jobs.make_plan(ls, 1, predictor.settings, backoff=NO_WAIT)
+        [job] = jobs.enqueue_plan(queue, plan, batch_size=3)[1]
+        assert job.kwargs["mode"] == "everything"  # the worker predicts in the project's mode
+
+        # Label Studio refuses the first run; the job is parked for the first interval, not re-run.
+        ls.fail_reads = {"get_label_config": [ApiError(status_code=403, body="token expired")]}
+        worker = jobs.ModelWorker([queue.name], connection=queue.connection, job_monitoring_interval=1)
+        with _keep_signal_handlers():
+            worker.work(burst=True)
+        assert job.get_status() == JobStatus.SCHEDULED and ls.predictions == []
+        delay = queue.scheduled_job_registry.get_scheduled_time(job) - datetime.now(timezone.utc)
+        assert timedelta(seconds=jobs.RETRY_INTERVALS_S[0] - 5) < delay <= timedelta(seconds=jobs.RETRY_INTERVALS_S[0])
+
+        # Once due, the scheduler that `grounded-sam-backend worker` runs puts it back on the queue.
+        queue.scheduled_job_registry.schedule(job, datetime.now(timezone.utc) - timedelta(seconds=1))
+        with _keep_signal_handlers():
+            assert jobs.run_worker(url, predictor.settings, burst=True)
+        job.refresh()
+        assert job.get_status() == JobStatus.FINISHED and job.retries_left == len(jobs.RETRY_INTERVALS_S) - 1
+        assert ls.per_task(plan.model_version) == {1: 1, 2: 1, 3: 1}
 
 
 def test_follow_reports_a_job_that_failed_for_good(tmp_path: Path) -> None:

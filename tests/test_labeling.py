@@ -73,3 +73,14 @@ def test_split_prompt() -> None:
 def test_unservable_configs_raise_sentences(xml: str, phrase: str) -> None:
     with pytest.raises(LabelConfigError, match=phrase):
         parse_label_config(xml)
+
+
+def test_a_label_name_with_a_dot_is_one_phrase_not_two() -> None:
+    xml = """<View><Image name="image" value="$image"/>
+      <BrushLabels name="tag" toName="image">
+        <Label value="St. Bernard"/><Label value="3.5 inch floppy"/><Label value="dog" hint="dog . puppy"/>
+      </BrushLabels></View>"""
+    prompts = parse_label_config(xml).prompts_by_label()
+    assert prompts["St. Bernard"] == ("St. Bernard",)
+    assert prompts["3.5 inch floppy"] == ("3.5 inch floppy",)
+    assert prompts["dog"] == ("dog", "puppy")  # a hint still separates synonyms with " . "

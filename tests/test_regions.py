@@ -187,12 +187,12 @@ def test_rectangle_percentages_are_exact(width: int, height: int) -> None:
     assert np.array_equal(decode_region_mask(region), box_mask(width, height, (37, 101, 400, 433)))
 
 
-def test_rectangle_from_mask_uses_the_mask_bounding_box() -> None:
-    mask = ring_and_blob()
-    [region] = encode_instance(Instance("cat", 0.5, (0, 0, 5, 5), mask), control("rectanglelabels"), 200, 120)
+def test_rectangle_is_the_instance_box_not_the_mask_bounds() -> None:
+    mask = ring_and_blob()  # pixel bounds (20, 10) .. (190, 100)
+    [region] = encode_instance(Instance("cat", 0.5, (4, 6, 150, 90), mask), control("rectanglelabels"), 200, 120)
     value = region["value"]
-    assert (value["x"], value["y"]) == (20 / 200 * 100, 10 / 120 * 100)
-    assert (value["width"], value["height"]) == (170 / 200 * 100, 90 / 120 * 100)
+    assert (value["x"], value["y"]) == (4 / 200 * 100, 6 / 120 * 100)
+    assert (value["width"], value["height"]) == (146 / 200 * 100, 84 / 120 * 100)
 
 
 def test_rectangle_box_is_clipped_and_empty_box_dropped() -> None:

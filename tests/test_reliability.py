@@ -200,6 +200,21 @@ def test_body_over_max_request_mb_is_a_json_413() -> None:
     assert response.json["status"] == 413 and response.json["detail"]
 
 
+def test_chunked_body_over_max_request_mb_is_a_json_413_naming_the_limit() -> None:
+    # No Content-Length to refuse up front: werkzeug's stream stops at the limit without a word,
+    # which used to read as truncated JSON ("must be a JSON object").
+    client, _, _ = ready_app(Settings(max_request_mb=1))
+    chunked = {"headers": {"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+               "environ_overrides": {"wsgi.input_terminated": True}}  # as gunicorn serves chunked bodies
+    body = json.dumps(predict_body([image_task(1, 24, 16)]) | {"padding": "x" * (2 * MIB)}).encode()
+    response = client.post("/predict", input_stream=io.BytesIO(body), **chunked)
+    assert response.status_code == 413
+    assert "MAX_REQUEST_MB=1" in response.json["detail"] and response.json["status"] == 413
+    small = json.dumps(predict_body([image_task(1, 24, 16)])).encode()
+    accepted = client.post("/predict", input_stream=io.BytesIO(small), **chunked)
+    assert accepted.status_code == 200 and accepted.json["results"][0]["result"]
+
+
 def test_decompression_bombs_and_oversized_images_are_per_task_errors() -> None:
     client, _, _ = ready_app(Settings(max_image_pixels=1_000_000, max_image_bytes=200_000))
     buffer = io.BytesIO()
@@ -240,7 +255,8 @@ def test_stalled_and_trickling_downloads_end_as_per_task_errors_within_the_timeo
             elapsed = time.perf_counter() - started
         finally:
             stop.set()
-    assert "Read timed out" in results[0]["error"] and "gave up after 3 tries" in results[0]["error"]
+    assert "no complete response within DOWNLOAD_TIMEOUT_S=0.3" in results[0]["error"]
+    assert "gave up after 3 tries" in results[0]["error"]
     assert len(stalled_hits) == 3
     assert "took longer than DOWNLOAD_TIMEOUT_S=0.3" in results[1]["error"]
     assert results[2]["result"]
@@ -303,6 +319,31 @@ def test_private_targets_are_refused_per_task_and_never_contacted(monkeypatch, w
     assert allowed_hits == ["/cat.png"]
     assert wiretap == [("127.0.0.1", allowed_port)]
     assert error_counts(client)["image"] == 5
+
+
+def test_a_setup_hostname_opens_no_private_address(wiretap) -> None:
+    # Without LABEL_STUDIO_URL, anyone reaching the backend could name a loopback "Label Studio"
+    # in /setup and have the backend fetch internal URLs for them.
+    with loopback(send_png) as (internal, internal_hits):
+        client, _, _ = ready_app(Settings())
+        setup = {"project": "7.1", "schema": CONFIG_ALL_OUTPUTS, "hostname": internal, "access_token": LS_KEY}
+        assert client.post("/setup", json=setup).status_code == 200
+        tasks = [url_task(1, f"{internal}/secret"), url_task(2, "/data/upload/1/cat.png"), image_task(3, 32, 24)]
+        results = client.post("/predict", json=predict_body(tasks)).json["results"]
+        for item in results[:2]:
+            assert "result" not in item and "127.0.0.1 (not public: loopback)" in item["error"], item
+        assert "set LABEL_STUDIO_URL to this Label Studio or add 127.0.0.1 to ALLOWED_IMAGE_HOSTS" in (
+            results[0]["error"]
+        )
+        assert results[2]["result"]
+        assert internal_hits == [] and wiretap == []
+
+        # configured by the operator, the same loopback Label Studio is fetched from
+        client, _, _ = ready_app(Settings(label_studio_url=internal))
+        assert client.post("/setup", json=setup).status_code == 200
+        served = client.post("/predict", json=predict_body([url_task(2, "/data/upload/1/cat.png")])).json
+    assert served["results"][0]["result"]
+    assert internal_hits == ["/storage-data/uploaded/?filepath=upload/1/cat.png"]
 
 
 # ---------------------------------------------------------------------------- interactive priority
@@ -586,7 +627,7 @@ ERROR_CASES: list[tuple[str, dict, Callable[[FlaskClient], int], int, str]] = [
         [url_task(1, "/data/upload/1/x.png")])).status_code, 200, "image"),
     ("detector crashes on a task", {"detector": ExplodingDetector({})},
      lambda c: c.post("/predict", json=predict_body([image_task(1, 32, 24)])).status_code, 200, "internal"),
-    ("segmenter crashes on a click", {"segmenter": ExplodingSegmenter()}, _one_click, 500, "internal"),
+    ("segmenter crashes on a click", {"segmenter": ExplodingSegmenter()}, _one_click, 200, "internal"),
 ]
 
 
@@ -598,6 +639,18 @@ def test_every_error_path_counts_exactly_one_kind(name, app_args, act, status: i
     after = error_counts(client)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
     assert delta == {kind: 1.0}
+
+
+@pytest.mark.parametrize("context", [click(50, 50), {"event": "prewarm"}], ids=["click", "prewarm"])
+def test_a_model_failing_on_an_interactive_request_is_an_error_item_as_in_batch(context: dict) -> None:
+    client, _, _ = ready_app(segmenter=ExplodingSegmenter())
+    response = client.post("/predict", json=predict_body([image_task(1, 32, 24)], KEYPOINT_CONFIG, context))
+    assert response.status_code == 200
+    [item] = response.json["results"]
+    assert "result" not in item and item["model_version"]
+    assert item["error"] == "task 1: RuntimeError: segmenter exploded"
+    batch = client.post("/predict", json=predict_body([image_task(1, 32, 24)], KEYPOINT_CONFIG)).json["results"]
+    assert batch[0]["error"].startswith("task 1: RuntimeError: segmenter exploded")
 
 
 def test_model_load_failure_counts_as_a_model_error() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,12 @@ from backend.models.loading import ModelLoadError
 from backend.models.registry import load_models, resolve_pipeline
 from backend.models.sam import SamSegmenter
 from backend.models.sam3 import Sam3ConceptSegmenter, Sam3SharedTrackerSegmenter
-from backend.pipelines.everything import AutoModels, AutoParams, EverythingParams, predict_instances
+from backend.pipelines.everything import AutoModels, AutoParams, EverythingParams, generate_masks, predict_instances
 from backend.pipelines.preannotate import PhraseTable, PreannotateParams, preannotate_concepts
 from backend.regions import decode_region_mask
 from tests.conftest import every_region_type_config, image_task, ready_app
+from tests.fakes import ShapeSegmenter
+from tests.test_everything import box_of, shapes
 from tests.tiny_models import build_tiny_grounding_dino
 from tests.tiny_sam3_models import build_tiny_sam3, build_tiny_sam3_image
 from tests.tiny_sam_models import build_tiny_sam
@@ -240,30 +243,87 @@ def test_tracker_refuses_a_concept_model_that_preprocesses_differently(sam3_dir,
         Sam3SharedTrackerSegmenter(str(other), concept, EmbeddingCache(1 << 20))
 
 
-def test_everything_mode_labels_automatic_masks_by_sam3_instances_without_a_detector(sam3_dir, concept, image) -> None:
-    tracker = Sam3SharedTrackerSegmenter(str(sam3_dir), concept, EmbeddingCache(1 << 30))
-    spy = _Recording(concept)
+class _Scripted(_Recording):
+    """A concept segmenter on the real model's image features (the tracker reads them from the
+    cache) that answers each prompt with given instances, so the test knows every box."""
+
+    def __init__(self, inner: Sam3ConceptSegmenter, answers: list[ConceptInstance]) -> None:
+        super().__init__(inner)
+        self.answers = answers
+
+    def segment_concepts(self, embedding, prompts, threshold, max_per_prompt):
+        self.prompts.append(tuple(prompts))
+        return list(self.answers)
+
+
+def _everything(image: Image.Image, segmenter, cache: EmbeddingCache, concept, params: AutoParams) -> list:
+    """``predict_instances`` in everything mode on the SAM 3 route: no detector, ``concept``
+    finds the labels' instances."""
     config = '<View><Image name="image" value="$image"/><BrushLabels name="b" toName="image">'
     config += '<Label value="cat"/><Label value="dog"/></BrushLabels></View>'
-    grid = EverythingParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    instances = predict_instances(
+    return predict_instances(
         "everything",
         image,
         pixel_sha256(image),
         {},
         parse_label_config(config),
         None,
-        tracker,
-        tracker.cache,
+        segmenter,
+        cache,
         AutoModels(),
         ANY_SCORE,
-        AutoParams(everything=grid, label_match_iou=0.0),
+        params,
         "v1",
-        spy,
+        concept,
     )
-    assert spy.prompts == [("cat", "dog")]
-    assert instances and {inst.label for inst in instances} <= {"cat", "dog"}
-    assert all(inst.mask is not None and inst.mask.shape == (HEIGHT, WIDTH) for inst in instances)
+
+
+def test_everything_mode_labels_automatic_masks_by_sam3_instances_without_a_detector(concept) -> None:
+    """An automatic mask takes the label of the SAM 3 instance whose box it overlaps by at least
+    ``label_match_iou``; one that overlaps an instance less is dropped (no catch-all label)."""
+    image, expected = shapes()
+    segmenter = ShapeSegmenter()  # exact masks of the flat shapes
+    red, disk = box_of(expected["red"]), box_of(expected["disk"])
+    cat = ConceptInstance(mask=expected["red"], box=(red[0] + 1, red[1], red[2], red[3] + 1), score=0.8, prompt_index=0)
+    half_disk = (disk[0], disk[1], (disk[0] + disk[2]) / 2, disk[3])  # box IoU with the disk's 0.5
+    dog = ConceptInstance(mask=expected["disk"], box=half_disk, score=0.6, prompt_index=1)
+    scripted = _Scripted(concept, [cat, dog])
+    grid = EverythingParams(points_per_side=16)
+    cache = EmbeddingCache(1 << 30)
+
+    strict = _everything(image, segmenter, cache, scripted, AutoParams(everything=grid, label_match_iou=0.6))
+    assert scripted.prompts == [("cat", "dog")]  # one pass for both labels on the SAM 3 features
+    assert [inst.label for inst in strict] == ["cat"]  # the disk overlaps the dog box too little
+    assert np.array_equal(strict[0].mask, expected["red"])
+    assert strict[0].score == pytest.approx(0.95 * 0.8)
+
+    loose = _everything(image, segmenter, cache, scripted, AutoParams(everything=grid, label_match_iou=0.4))
+    by_label = {inst.label: inst.mask for inst in loose}
+    assert sorted(by_label) == ["cat", "dog"] and len(loose) == 2  # green and blue match no box
+    assert np.array_equal(by_label["cat"], expected["red"]) and np.array_equal(by_label["dog"], expected["disk"])
+
+
+def test_everything_mode_on_the_sam3_tracker_labels_by_box_overlap(sam3_dir, concept, image) -> None:
+    """The same rule on the real SAM 3 tracker's automatic masks. Random weights give masks
+    scattered over the whole frame, so every mask's box is the image: a full-frame instance box
+    matches each of them, a half-frame one only below IoU 0.5."""
+    tracker = Sam3SharedTrackerSegmenter(str(sam3_dir), concept, EmbeddingCache(1 << 30))
+    grid = EverythingParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    automatic = generate_masks(image, pixel_sha256(image), tracker, tracker.cache, grid)
+    assert len(automatic) > 1 and {m.box for m in automatic} == {(0.0, 0.0, float(WIDTH), float(HEIGHT))}
+    whole = np.ones((HEIGHT, WIDTH), dtype=bool)
+    left = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    left[:, : WIDTH // 2] = True
+    cat = ConceptInstance(mask=whole, box=(0.0, 0.0, float(WIDTH), float(HEIGHT)), score=0.9, prompt_index=0)
+    dog = ConceptInstance(mask=left, box=(0.0, 0.0, WIDTH / 2, float(HEIGHT)), score=0.9, prompt_index=1)
+
+    def labels(answers: list[ConceptInstance], min_iou: float) -> list[str]:
+        params = AutoParams(everything=grid, label_match_iou=min_iou)
+        return [inst.label for inst in _everything(image, tracker, tracker.cache, _Scripted(concept, answers), params)]
+
+    assert labels([cat, dog], 0.75) == ["cat"] * len(automatic)  # the best overlap wins
+    assert labels([dog], 0.75) == []  # IoU 0.5 < 0.75: no label, dropped
+    assert labels([dog], 0.4) == ["dog"] * len(automatic)
 
 
 # ------------------------------------------------------------------------------- route selection
@@ -299,8 +359,20 @@ def test_grounded_route_keeps_sam3_tracker_as_click_segmenter(sam3_dir, tmp_path
     assert type(bundle.segmenter) is SamSegmenter and isinstance(bundle.segmenter.model, Sam3TrackerModel)
 
 
-def test_model_version_follows_the_pipeline_setting() -> None:
+def test_model_version_names_the_route_and_the_mode(sam3_dir, tmp_path) -> None:
     assert Settings(pipeline="sam3").model_version() != Settings(pipeline="grounded-sam").model_version()
+    assert Settings(pipeline="sam3").model_version().startswith("sam3-grounded-")
+    assert Settings(pipeline="grounded-sam", prediction_mode="everything").model_version().startswith(
+        "grounded-sam-everything-"
+    )
+    # PIPELINE=auto names the route the loader picks from the checkpoint
+    sam_dir = build_tiny_sam(tmp_path / "sam")
+    assert Settings(segmenter_model=str(sam3_dir)).model_version().startswith("sam3-grounded-")
+    assert Settings(segmenter_model=str(sam_dir)).model_version().startswith("grounded-sam-grounded-")
+    spaced = Settings(pipeline="sam3", prediction_mode=" Grounded + Everything ").model_version()
+    assert spaced.startswith("sam3-grounded+everything-")
+    # the readable prefix adds nothing the hash lacks: one hash of 10 hex digits at the end
+    assert re.fullmatch(r"sam3-grounded\+everything-[0-9a-f]{10}", spaced)
 
 
 # ------------------------------------------------------------------------------- whole app
@@ -327,6 +399,16 @@ def test_health_and_setup_name_the_route_and_every_model(app, sam3_dir) -> None:
     assert health["models"] == {"concept_segmenter": str(sam3_dir), "segmenter": f"{sam3_dir}#tracker"}
     setup = client.post("/setup", json={"schema": CONFIG, "project": "3.1"}).json
     assert setup["pipeline"] == "sam3" and setup["models"] == health["models"]
+    assert setup["model_version"].startswith("sam3-grounded-")
+
+
+def test_health_names_no_detector_on_the_sam3_route(app) -> None:
+    """NEEDS the app.py /health change (top-level ``detector`` / ``segmenter`` taken from the
+    loaded models): until it is applied, /health reports DETECTOR_MODEL although the SAM 3
+    route loads no detector, and this test fails."""
+    health = app.test_client().get("/health").json
+    assert health["detector"] is None
+    assert health["segmenter"] == health["models"]["segmenter"]
 
 
 def test_predict_on_the_sam3_route_returns_every_region_type(app) -> None:

@@ -116,7 +116,7 @@ def test_loads_by_path_and_segments_three_boxes_in_one_decoder_call(loaded):
     assert segmenter.model_type == model_type
     assert embedding.image_size == (HEIGHT, WIDTH)
     assert embedding.nbytes > 0
-    calls = count_calls(segmenter.model)
+    calls = count_calls(segmenter.model.prompt_encoder)  # once per decoder call, folded or not
 
     predictions = segmenter.segment(embedding, [PromptSet(box=box) for box in BOXES])
 
@@ -217,7 +217,7 @@ def test_mixed_prompts_are_grouped_chunked_and_returned_in_order(loaded):
     single = [segmenter.segment(embedding, [prompt])[0] for prompt in prompts]
     saved = segmenter.max_batch_size
     segmenter.max_batch_size = 2
-    calls = count_calls(segmenter.model)
+    calls = count_calls(segmenter.model.prompt_encoder)  # once per decoder call, folded or not
     try:
         batched = segmenter.segment(embedding, prompts)
     finally:

@@ -132,3 +132,35 @@ def test_label_file_collisions_fail_before_writing(tmp_path: Path) -> None:
     with pytest.raises(coco.CocoError, match=r"images 1 and 2 .*labels/street.txt"):
         yolo.write_yolo(coco.ls_to_coco(tasks, CONFIG), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rewrite_replaces_labels_and_keeps_images(tmp_path: Path) -> None:
+    out = tmp_path / "yolo"
+    (out / "labels").mkdir(parents=True)
+    (out / "labels" / "gone.txt").write_text("0 0.1 0.1 0.9 0.1 0.9 0.9\n")  # an image no longer exported
+    (out / "images").mkdir()
+    (out / "images" / "street.png").write_bytes(b"png")
+    (out / "data.yaml").write_text("names: {0: old}\n")
+    dataset = coco.ls_to_coco([brush_task(1, "/data/upload/1/0123abcd-street.png", (hard_mask(), "cat"))], CONFIG)
+    yolo.write_yolo(dataset, out)
+    assert sorted(_files(out)) == ["data.yaml", "images/street.png", "labels/street.txt"]
+    assert yaml.safe_load((out / "data.yaml").read_text())["names"] == {0: "cat", 1: "dog"}
+    assert [p.name for p in tmp_path.iterdir()] == ["yolo"]  # no temporary directory left beside it
+
+
+def test_failed_write_leaves_the_previous_export(tmp_path: Path) -> None:
+    out = tmp_path / "yolo"
+    yolo.write_yolo(coco.ls_to_coco([brush_task(1, "https://h/old.png", (hard_mask(), "dog"))], CONFIG), out)
+    before = _files(out)
+    tasks = [
+        brush_task(2, "https://h/new.png", (hard_mask(), "cat")),
+        brush_task(3, "https://h/" + "n" * 300 + ".png", (hard_mask(), "cat")),  # too long a file name
+    ]
+    with pytest.raises(OSError):
+        yolo.write_yolo(coco.ls_to_coco(tasks, CONFIG), out)
+    assert _files(out) == before  # neither new.txt nor a changed data.yaml
+    assert [p.name for p in tmp_path.iterdir()] == ["yolo"]

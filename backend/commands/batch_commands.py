@@ -5,9 +5,10 @@ prints the summary. Exit status: 0 when every task in scope holds a prediction o
 model_version, 1 when a task failed (listed; the next run retries it) or the run stopped on
 an error, 2 for a configuration error, 130 when stopped by Ctrl-C (run again to resume).
 
-``backend.jobs`` (and through it torch and the model code), the Label Studio client and RQ are
-imported inside the commands, not here: ``grounded-sam-backend --help`` and flag errors build
-this module's parsers and should answer at once, not after seconds of importing torch.
+``backend.jobs`` (and through it torch and the model code), the Label Studio SDK and client,
+httpx, Redis and RQ are imported inside the commands, not here: ``grounded-sam-backend --help``
+and flag errors build this module's parsers and should answer at once, not after seconds of
+importing torch.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-import httpx
-from label_studio_sdk.core.api_error import ApiError
-from redis.exceptions import RedisError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -82,11 +82,14 @@ def _on_result(bar: tqdm) -> Callable[[jobs.BatchResult], None]:
     return update
 
 
-def _notify_stop(what: str) -> Callable[[], None]:
-    def notify() -> None:
-        tqdm.write(f"Ctrl-C: {what}; press Ctrl-C again to abort at once", file=sys.stderr)
+@dataclass
+class _StopNotice:
+    """Tells the user what the first Ctrl-C does; ``what`` follows the command's phase."""
 
-    return notify
+    what: str
+
+    def __call__(self) -> None:
+        tqdm.write(f"Ctrl-C: {self.what}; press Ctrl-C again to abort at once", file=sys.stderr)
 
 
 def _preannotate(args: argparse.Namespace) -> int:
@@ -97,44 +100,52 @@ def _preannotate(args: argparse.Namespace) -> int:
         raise ValueError("--wait follows queue jobs: it needs --queue")
     settings = _settings(args)
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    plan = jobs.make_plan(
-        client,
-        args.project,
-        settings,
-        view=args.view,
-        task_ids=args.task_ids,
-        limit=args.limit,
-        overwrite=args.overwrite,
-    )
-    _print_plan(plan, sys.stdout)
-    if args.queue:
-        return _preannotate_on_queue(args, plan)
-    if args.dry_run:
-        print("dry run: no models loaded, nothing posted", file=sys.stdout)
-        return 0
-    if not plan.todo:  # nothing to do: no reason to load models
-        summary = plan.start_summary()
-        _print_summary(summary, sys.stdout)
-        return summary.exit_code
-    predictor = jobs.build_predictor(settings)
-    with (
-        logging_redirect_tqdm(),
-        jobs.stop_on_sigint(_notify_stop("stopping after the current batch")) as stop,
-        _progress(len(plan.todo), "preannotate") as bar,
-    ):
-        summary = jobs.run_batches(
+    # Ctrl-C is caught from here on: planning a large project and loading the models take a
+    # while, and a Ctrl-C then should end the command with a message, not a traceback.
+    notice = _StopNotice("stopping once the plan is made (nothing is posted or enqueued)")
+    with jobs.stop_on_sigint(notice) as stop:
+        plan = jobs.make_plan(
             client,
-            predictor,
-            plan,
-            batch_size=args.batch_size,
-            stop=stop,
-            on_batch=_on_result(bar),
+            args.project,
+            settings,
+            view=args.view,
+            task_ids=args.task_ids,
+            limit=args.limit,
+            overwrite=args.overwrite,
         )
+        _print_plan(plan, sys.stdout)
+        if stop.is_set():  # before any model is loaded or any job enqueued
+            print("interrupted: nothing was posted or enqueued; run the same command again", file=sys.stdout)
+            return jobs.EXIT_INTERRUPTED
+        if args.queue:
+            return _preannotate_on_queue(args, plan, stop, notice)
+        if args.dry_run:
+            print("dry run: no models loaded, nothing posted", file=sys.stdout)
+            return plan.start_summary().exit_code  # given ids missing from the project fail
+        if not plan.todo:  # nothing to do: no reason to load models
+            summary = plan.start_summary()
+            _print_summary(summary, sys.stdout)
+            return summary.exit_code
+        notice.what = "stopping once the models are loaded (nothing is posted)"
+        predictor = jobs.build_predictor(settings)
+        notice.what = "stopping after the current batch"
+        with logging_redirect_tqdm(), _progress(len(plan.todo), "preannotate") as bar:
+            # a Ctrl-C during the loading stops here before the first batch: nothing posted
+            summary = jobs.run_batches(
+                client,
+                predictor,
+                plan,
+                batch_size=args.batch_size,
+                stop=stop,
+                on_batch=_on_result(bar),
+            )
     _print_summary(summary, sys.stdout)
     return summary.exit_code
 
 
-def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
+def _preannotate_on_queue(
+    args: argparse.Namespace, plan: jobs.Plan, stop: threading.Event, notice: _StopNotice
+) -> int:
     from rq import Worker
 
     from backend import jobs
@@ -143,7 +154,7 @@ def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
     if args.dry_run:
         chunks = -(-len(plan.todo) // args.batch_size)
         print(f"dry run: would enqueue {chunks} jobs of up to {args.batch_size} tasks on {queue.name}")
-        return 0
+        return plan.start_summary().exit_code  # given ids missing from the project fail
     attached, new = jobs.enqueue_plan(queue, plan, batch_size=args.batch_size, job_timeout_s=args.job_timeout)
     tasks_new = sum(len(jobs.job_task_ids(job)) for job in new)
     print(f"enqueued {len(new)} jobs ({tasks_new} tasks) on {queue.name}", file=sys.stdout)
@@ -153,11 +164,11 @@ def _preannotate_on_queue(args: argparse.Namespace, plan: jobs.Plan) -> int:
         print(f"no worker listens on {queue.name} yet: start some with grounded-sam-backend worker --queue URL")
     if not args.wait:
         print("follow the jobs with --wait (the same command again)")
-        return 0
+        return plan.start_summary().exit_code  # given ids missing from the project fail
     followed = attached + new
+    notice.what = "no longer waiting (the workers carry on)"
     with (
         logging_redirect_tqdm(),
-        jobs.stop_on_sigint(_notify_stop("no longer waiting (the workers carry on)")) as stop,
         _progress(sum(len(jobs.job_task_ids(job)) for job in followed), "preannotate (queue)") as bar,
     ):
         summary = jobs.follow(queue, followed, stop=stop, summary=plan.start_summary(), on_result=_on_result(bar))
@@ -177,6 +188,10 @@ def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[a
     """Expected failures (bad flags, Label Studio or Redis refusing or unreachable): one line, exit 1."""
 
     def wrapper(args: argparse.Namespace) -> int:
+        import httpx  # here, not at the top: see the module docstring
+        from label_studio_sdk.core.api_error import ApiError
+        from redis.exceptions import RedisError
+
         try:
             return run(args)
         except ConfigError:

@@ -120,6 +120,8 @@ def _results_file(path: str) -> list[dict[str, Any]]:
     results = coco.load_json(path)
     if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
         raise coco.CocoError(f"{path} is not a COCO results file (expected a list of objects)")
+    if results and not any("image_id" in r for r in results):  # else every object is "ignored", silently
+        raise coco.CocoError(f"{path} is not a COCO results file: no object has an image_id (a Label Studio export?)")
     return results
 
 
@@ -232,7 +234,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--segmentation",
         choices=coco.SEGMENTATION_MODES,
         default="rle",
-        help="brush/bitmask masks as exact RLE, or as polygons (outer rings, holes filled; lossy)",
+        help="brush/bitmask masks as exact RLE (default; export -> import-coco -> export is identical), or "
+        "as polygons (outer rings, holes filled, simplified by --polygon-tolerance: lossy, so brush/bitmask "
+        "regions are re-traced, not identical, after a round trip; polygons and rectangles are)",
     )
     export.add_argument("--predictions", metavar="OUT", help="also write the predictions as a COCO results file")
     export.add_argument("--model-version", help="only predictions of this model version")

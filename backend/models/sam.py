@@ -42,6 +42,7 @@ from transformers import (
 
 from backend.models.base import ImageEmbedding, MaskCandidates, MaskPrediction, PromptSet
 from backend.models.loading import ModelLoadError, inference_context, load_pretrained, resolve_device
+from backend.models.sam_decoder import FoldedSamDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,9 @@ class SamSegmenter:
                 "checkpoint this class can read"
             )
         self.model = model.to(device).eval()
+        # plain SAM's decoder runs folded (same output, less work: sam_decoder.py); None runs
+        # the model's own forward (the other families, and the benches' naive baseline)
+        self.folded_decoder: FoldedSamDecoder | None = FoldedSamDecoder(self.model) if self._family is _SAM else None
         self.processor = load_pretrained(self._family.processor_cls, model_id, what="segmenter processor")
         image_processor = self.processor.image_processor
         if self._family.padded:
@@ -276,6 +280,12 @@ class SamSegmenter:
             side = int(self.processor.target_size)
             self._frame_size = (side, side)
         self.low_res_size: tuple[int, int] = tuple(4 * int(s) for s in self.model.prompt_encoder.image_embedding_size)
+
+    @property
+    def decoder_module(self) -> torch.nn.Module:
+        """The module whose forward is one decoder call (prompt encoder + mask decoder), for
+        timing hooks: the folded decoder where plain SAM uses it, else the model."""
+        return self.folded_decoder if self.folded_decoder is not None else self.model
 
     # -- geometry -------------------------------------------------------------------------
 
@@ -388,9 +398,10 @@ class SamSegmenter:
         """One decoder call for same-shaped prompt sets: predicted IoU (n, k) and low-res
         logits (n, k, h, w) of every candidate, float32.
 
-        The prompt sets go along the *image* batch axis with the embedding expanded to match
-        (a view, no copy): the decoder adds the dense (mask) prompt per image-batch entry, so
-        this is the only layout where every prompt set can carry its own previous mask.
+        Plain SAM runs the folded decoder on the one stored embedding. The other families' own
+        forward gets the prompt sets along the *image* batch axis with the embedding expanded
+        to match (a view, no copy): their decoder adds the dense (mask) prompt per image-batch
+        entry, so this is the only layout where every prompt set can carry its own previous mask.
         """
         n = len(batch)
         height, width = embedding.image_size
@@ -410,11 +421,16 @@ class SamSegmenter:
             masks = np.stack([self._mask_prompt(p) for p in batch])
             kwargs["input_masks"] = torch.from_numpy(masks)[:, None].to(self.device)  # (n, 1, h, w)
 
+        stored = embedding.tensors["image_embeddings"]
+        if self.folded_decoder is not None:  # one (1, C, h, w) embedding serves the whole batch
+            with self._lock, inference_context(self.device, self.dtype):
+                iou, masks = self.folded_decoder(stored.to(self.device), **kwargs)
+            return iou[:, 0].float(), masks[:, 0].float()
+
         def expand(tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.to(self.device)
             return tensor.expand(n, *tensor.shape[1:])
 
-        stored = embedding.tensors["image_embeddings"]
         kwargs["image_embeddings"] = [expand(t) for t in stored] if self._family.multiscale else expand(stored)
         if self._family.hq:
             kwargs["intermediate_embeddings"] = [expand(t) for t in embedding.tensors["intermediate_embeddings"]]

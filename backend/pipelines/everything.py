@@ -98,8 +98,16 @@ _GREY = (128, 128, 128)
 CropBox = tuple[int, int, int, int]
 
 
-def check_mode(mode: str) -> str:
-    """``mode`` normalised, or a :class:`ConfigError` listing the valid ones."""
+def check_mode(mode: object) -> str:
+    """``mode`` normalised, or a :class:`ConfigError` listing the valid ones.
+
+    ``mode`` may come from a project's extra params, i.e. any JSON value a user typed
+    (``{"prediction_mode": 5}``): a non-string is refused here too, not left to fail later.
+    """
+    if not isinstance(mode, str):
+        raise ConfigError(
+            f"prediction_mode must be text, one of {', '.join(PREDICTION_MODES)}; got {mode!r} ({type(mode).__name__})"
+        )
     normalised = mode.strip().lower().replace(" ", "")
     if normalised not in PREDICTION_MODES:
         raise ConfigError(f"prediction mode {mode!r} is not one of {', '.join(PREDICTION_MODES)}")

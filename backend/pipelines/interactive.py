@@ -5,15 +5,26 @@ Rules (documented in the README):
   ``is_positive`` is false (Label Studio's UI, Alt-click), else when ``value.positive`` is false
   (the newest official backends' shape); ``is_positive`` wins when both are present.
 - Box: the last rectangle of the context (axis-aligned bounds when rotated).
-- Label: the label of the last labelled context item (a bare smart ``<KeyPoint>`` or
-  ``<Rectangle>`` sends its label as a separate ``labels`` item); with no label, the config's
-  only mask label, else a clear error asking to pick one.
+- Image: every prompt item's ``to_name`` must be the project's image (the first image with
+  output controls); a click on another image is a clear error, never run on the wrong image.
+- Label: the label of the labelled context items (a bare smart ``<KeyPoint>`` or
+  ``<Rectangle>`` sends its label as a separate ``labels`` item); items naming different
+  labels are a clear error naming them. With no label, the config's only mask label, else the
+  only label of any output control, else a clear error asking to pick one.
 - Output control: the first mask control (Brush, Bitmask, Polygon, labelled or a bare tool with
   ``<Labels>``) offering the label, in config order; a rectangle control when no mask control
   offers it.
 - One positive point and nothing else: SAM's three candidates, the best predicted IoU wins.
-- Refinement memory: the previous answer's low-resolution logits for the same task, label and
-  image are fed back as the mask prompt when the new clicks extend the previous ones.
+- One answer is one region: for a Polygon control (one polygon per connected part) only the
+  part holding the positive clicks is kept (the largest such part, or the largest part when no
+  click lies in one).
+- Refinement memory: the previous answer's low-resolution logits for the same project, task,
+  annotator, label and image are fed back as the mask prompt when the new prompts extend the
+  previous ones (same box, the remembered points as a prefix, more points). The annotator is
+  the ``user`` of the task's drafts: Label Studio sends an interactive request only the
+  requesting user's drafts. Before an annotator has a draft nothing names them, and two such
+  annotators of one task share a key; only a click sequence that starts with exactly the other
+  one's clicks (same coordinates) would then pick up their mask.
 - Prewarm: ``context.event == "prewarm"`` only computes and caches the image embedding and
   answers no regions, so the first real click is warm.
 - Remembered phrase (``REMEMBER_TEXT_PROMPT``): the last smart-TextArea phrase of a project and
@@ -21,6 +32,9 @@ Rules (documented in the README):
 - Refine what is there (``REFINE_EXISTING``): when the first positive click lands inside a region
   of the task's draft, annotation or prediction with the same label, that region's mask (and its
   bounding box, unless a box was drawn) seeds SAM, so one click fixes a pre-annotated mask.
+  Per-click cost stays flat as the task's regions grow: a brush region is tested at the clicked
+  pixel by reading its RLE only up to that pixel, a polygon clearly away from the click is
+  skipped before rasterising, and only the region found is decoded.
 """
 
 from __future__ import annotations
@@ -32,14 +46,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
+from backend import brush_rle
 from backend.embedding_cache import EmbeddingCache, cache_key
 from backend.labeling import MASK_TYPES, OutputControl, ProjectConfig, split_prompt
 from backend.models.base import Box, ConceptSegmenter, Detector, ImageEmbedding, PromptSet, Segmenter
 from backend.pipelines.preannotate import PreannotateParams, find_instances
-from backend.regions import Instance, decode_region_mask, join_split_results
+from backend.regions import MAX_VERTEX_SPAN, Instance, decode_region_mask, join_split_results
 
 
 class InteractiveError(ValueError):
@@ -116,14 +132,30 @@ def output_for_label(project: ProjectConfig, label: str) -> OutputControl:
 
 
 def _default_label(project: ProjectConfig) -> str:
+    """The label of an unlabelled click: the only mask label; with no mask control, the only
+    label of any output (a RectangleLabels-only project with one label needs no choice)."""
     mask_labels = {label for c in project.outputs if c.is_mask for label in c.label_values()}
-    if len(mask_labels) == 1:
-        return next(iter(mask_labels))
-    choices = ", ".join(sorted(mask_labels or set(project.label_values())))
+    choices = mask_labels or set(project.label_values())
+    if len(choices) == 1:
+        return next(iter(choices))
     raise InteractiveError(
-        f"the click carries no label and the project offers several ({choices}): select a label "
-        "on the smart tool before clicking"
+        f"the click carries no label and the project offers several ({', '.join(sorted(choices))}): "
+        "select a label on the smart tool before clicking"
     )
+
+
+_PROMPT_ITEM_TYPES = ("keypointlabels", "keypoint", "rectanglelabels", "rectangle", "textarea", "labels")
+
+
+def _check_image(item: Mapping[str, Any], kind: str, project: ProjectConfig) -> None:
+    """A prompt drawn on another image than the project's (which is the only one segmented)
+    would be answered with a mask of the wrong image: refuse it by name."""
+    to_name = item.get("to_name")
+    if to_name is not None and to_name != project.image_name:
+        raise InteractiveError(
+            f"the {kind} item is on image {to_name!r}, but this backend segments only the project's "
+            f"image {project.image_name!r} (the first image with a mask or rectangle control)"
+        )
 
 
 def parse_context(context: Mapping[str, Any], project: ProjectConfig, width: int, height: int) -> ClickRequest:
@@ -135,7 +167,7 @@ def parse_context(context: Mapping[str, Any], project: ProjectConfig, width: int
     labels: list[int] = []
     box: Box | None = None
     text: str | None = None
-    label: str | None = None
+    named: dict[str, None] = {}  # labels of the items, in order, once each
     for item in items:
         if not isinstance(item, Mapping):
             raise InteractiveError("every context result item must be an object")
@@ -143,6 +175,8 @@ def parse_context(context: Mapping[str, Any], project: ProjectConfig, width: int
         value = item.get("value")
         if not isinstance(value, Mapping):
             raise InteractiveError(f"context item of type {kind!r} has no value object")
+        if kind in _PROMPT_ITEM_TYPES:
+            _check_image(item, kind, project)
         if kind == "keypointlabels" or kind == "keypoint":
             x, y = _number(value, "x"), _number(value, "y")
             if not (0 <= x <= 100 and 0 <= y <= 100):
@@ -158,12 +192,19 @@ def parse_context(context: Mapping[str, Any], project: ProjectConfig, width: int
             continue
         elif kind != "labels":  # a labels item names the label of a bare smart tool's click or box
             continue
-        label = _item_label(item) or label
+        item_label = _item_label(item)
+        if item_label is not None:
+            named[item_label] = None
     if points and box is None and 1 not in labels:
         raise InteractiveError("only negative points were clicked: add a positive point or draw a box")
     if not points and box is None and text is None:
         raise InteractiveError("the context holds no keypoint, rectangle or text prompt")
-    label = label or _default_label(project)
+    if len(named) > 1:
+        raise InteractiveError(
+            f"the context mixes the labels {', '.join(map(repr, named))}: one answer gets one label; "
+            "remove the points or box of the other label before clicking"
+        )
+    label = next(iter(named), None) or _default_label(project)
     return ClickRequest(label, output_for_label(project, label), tuple(points), tuple(labels), box, text)
 
 
@@ -175,32 +216,35 @@ class _Memory:
     logits: np.ndarray
 
 
+MemoryKey = tuple[str, ...]
+
+
 class RefinementMemory:
-    """Last low-res logits per (task, label, image), bounded by entry count.
+    """Last low-res logits per (project, task, annotator, label, image), bounded by entry count.
 
     Reused only when the new prompts extend the remembered ones (same box, remembered points
-    as a prefix): a fresh click sequence, another annotator's clicks or another task never
-    picks up someone else's mask.
+    as a prefix, at least one point more; a box alone then box + points counts): a fresh click
+    sequence, another annotator's clicks or another task never picks up someone else's mask.
     """
 
     def __init__(self, max_entries: int = 512) -> None:
-        self._entries: OrderedDict[tuple[str, str, str], _Memory] = OrderedDict()
+        self._entries: OrderedDict[MemoryKey, _Memory] = OrderedDict()
         self._max = max_entries
         self._lock = threading.Lock()
 
-    def recall(self, key: tuple[str, str, str], request: ClickRequest) -> np.ndarray | None:
+    def recall(self, key: MemoryKey, request: ClickRequest) -> np.ndarray | None:
         with self._lock:
             entry = self._entries.get(key)
         if entry is None or entry.box != request.box:
             return None
         n = len(entry.points)
-        if n == 0 or len(request.points) <= n:
+        if len(request.points) <= n:
             return None
         if request.points[:n] != entry.points or request.point_labels[:n] != entry.point_labels:
             return None
         return entry.logits
 
-    def remember(self, key: tuple[str, str, str], request: ClickRequest, logits: np.ndarray) -> None:
+    def remember(self, key: MemoryKey, request: ClickRequest, logits: np.ndarray) -> None:
         with self._lock:
             self._entries[key] = _Memory(request.points, request.point_labels, request.box, logits)
             self._entries.move_to_end(key)
@@ -224,10 +268,50 @@ def _task_regions(task: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
                 yield from (r for r in join_split_results(result) if isinstance(r, Mapping))
 
 
+def _brush_covers(rle: Any, x: int, y: int, width: int, height: int) -> bool:
+    """Whether a brush RLE paints pixel ``(x, y)``: its alpha value (RGBA, row-major), read
+    without decoding the rest of the mask. ``ValueError`` for RLE that ``decode_region_mask``
+    would reject as well (wrong type or size, truncated before the pixel)."""
+    if not isinstance(rle, list | tuple | bytes) or len(rle) < 4:
+        raise ValueError("brush region has no RLE data")
+    try:
+        data = bytes(rle)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("brush RLE must be a list of byte values 0..255") from exc
+    if int.from_bytes(data[:4], "big") != width * height * 4:
+        raise ValueError("brush RLE does not hold an RGBA image of the region's size")
+    return brush_rle.value_at(data, 4 * (y * width + x) + 3) > 0
+
+
+POLYGON_MARGIN_PX = 1.0  # rasterising samples pixel centres: farther outside than this is never filled
+
+
+def _polygon_far_from(value: Mapping[str, Any], x: int, y: int, width: int, height: int) -> bool:
+    """Whether pixel ``(x, y)``'s centre lies clearly outside the polygon: then the region is
+    skipped without rasterising it. Malformed points answer False and are left to the decoder."""
+    try:
+        points = np.asarray(value.get("points") or [], dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+        return False
+    pixels = points * (width / 100.0, height / 100.0)
+    if not np.isfinite(pixels).all() or np.abs(pixels).max() > MAX_VERTEX_SPAN * max(width, height):
+        return False  # the decoder refuses such vertices with its own message
+    contour = pixels.astype(np.float32)
+    distance = cv2.pointPolygonTest(contour, (x + 0.5, y + 0.5), True)  # negative outside
+    return distance < -POLYGON_MARGIN_PX
+
+
 def find_existing_mask(
     task: Mapping[str, Any], label: str, point: tuple[float, float], width: int, height: int
 ) -> np.ndarray | None:
-    """The mask of a same-label region of the task under ``point``, if any."""
+    """The mask of the first same-label region of the task under ``point``, if any.
+
+    Only that region is decoded: brush regions are tested at the clicked pixel and polygons
+    clearly away from it are skipped first, so a task carrying megabytes of regions costs
+    about its JSON parse, not a full decode per region (~20 ms each on 640x480).
+    """
     x, y = int(point[0]), int(point[1])
     for region in _task_regions(task):
         kind = str(region.get("type", "")).lower()
@@ -238,8 +322,12 @@ def find_existing_mask(
         if (region.get("original_width"), region.get("original_height")) != (width, height):
             continue
         try:
+            if kind == "brushlabels" and not _brush_covers(value.get("rle"), x, y, width, height):
+                continue
+            if kind == "polygonlabels" and _polygon_far_from(value, x, y, width, height):
+                continue
             mask = decode_region_mask(dict(region))
-        except ValueError:
+        except (ValueError, IndexError):
             continue
         if mask.shape == (height, width) and mask[y, x]:
             return mask
@@ -250,6 +338,30 @@ def _bbox(mask: np.ndarray) -> Box:
     # row/column projections: np.nonzero on a 1024x768 mask lists every pixel (2 ms a click)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+
+
+def _one_part(mask: np.ndarray, points: Sequence[tuple[float, float]], point_labels: Sequence[int]) -> np.ndarray:
+    """The 8-connected part of ``mask`` (the connectivity polygons are traced with) holding the
+    positive clicks; the largest such part, or the largest part when no click lies in one."""
+    count, parts, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return mask
+    clicked = {int(parts[int(y), int(x)]) for (x, y), positive in zip(points, point_labels, strict=True) if positive}
+    candidates = sorted(clicked - {0}) or list(range(1, count))
+    best = max(candidates, key=lambda part: stats[part, cv2.CC_STAT_AREA])
+    return parts == best
+
+
+def _annotator(task: Mapping[str, Any]) -> str:
+    """Who is clicking, as far as the request tells: Label Studio serialises an interactive
+    request's task with only the requesting user's drafts (``InteractiveMixin``), each naming
+    its ``user``. Empty when there is no draft yet (see the module docstring)."""
+    drafts = task.get("drafts")
+    for draft in drafts if isinstance(drafts, list) else ():
+        user = draft.get("user") if isinstance(draft, Mapping) else None
+        if isinstance(user, str | int) and not isinstance(user, bool) and str(user):
+            return str(user)
+    return ""
 
 
 def image_embedding(
@@ -272,7 +384,7 @@ def run_clicks(
 ) -> list[Instance]:
     """Points and/or box -> one mask instance under the request's label."""
     width, height = image.size
-    memory_key = (str(task.get("id")), request.label, image_sha256)
+    memory_key = (str(task.get("project")), str(task.get("id")), _annotator(task), request.label, image_sha256)
     prompt = PromptSet(points=request.points, point_labels=request.point_labels, box=request.box)
     prompt.mask_logits = memory.recall(memory_key, request)
     if prompt.mask_logits is None and refine_existing and 1 in request.point_labels:
@@ -289,10 +401,13 @@ def run_clicks(
     prediction = segmenter.segment(embedding, [prompt], multimask=single_click)[0]
     if prediction.low_res_logits is not None:
         memory.remember(memory_key, request, prediction.low_res_logits)
-    if not prediction.mask.any():
+    mask = prediction.mask
+    if not mask.any():
         return []
+    if request.control.type == "polygonlabels":
+        mask = _one_part(mask, request.points, request.point_labels)
     score = float(min(max(prediction.score, 0.0), 1.0))
-    return [Instance(request.label, score, _bbox(prediction.mask), prediction.mask)]
+    return [Instance(request.label, score, _bbox(mask), mask)]
 
 
 def run_text_prompt(

@@ -52,6 +52,9 @@ class PreannotateParams:
     mask_nms_iou: float = _SETTINGS.mask_nms_iou
     min_region_area: int = _SETTINGS.min_region_area
     max_detections: int = _SETTINGS.max_detections
+    # False when the project draws no masks (only RectangleLabels): the detector's boxes are
+    # the answer, and SAM's encoder (seconds per image on CPU) and decoder are skipped
+    segment_boxes: bool = True
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,8 @@ def preannotate(
     selected = select_detections(detections, table, params)
     if not selected:
         return []
+    if not params.segment_boxes:
+        return finish_instances((Instance(label, det.score, det.box, None) for det, label in selected), params)
     embedding = cache.get_or_compute(
         cache_key(image_sha256, segmenter.model_id), lambda: segmenter.embed(image)
     )

@@ -34,10 +34,14 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
 def backend_server(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
     """This backend served as users run it (``grounded-sam-backend serve``) on tiny random models.
 
-    Depends on ``label_studio`` so that ``SKIP_E2E=1`` skips it too.
+    Depends on ``label_studio`` so that ``SKIP_E2E=1`` skips it too. Label Studio runs on
+    loopback, which the SSRF guard refuses even as the hostname Label Studio sends to /setup
+    (a client could name any host there), so it is allow-listed as a user must; not set as
+    ``LABEL_STUDIO_URL``, so the images still come through the /setup hostname and token.
     """
     workdir = tmp_path_factory.mktemp("backend")
-    with BackendServer(workdir, build_tiny_models(workdir / "models")) as server:
+    settings = {**build_tiny_models(workdir / "models"), "ALLOWED_IMAGE_HOSTS": "127.0.0.1"}
+    with BackendServer(workdir, settings) as server:
         yield server
 
 

@@ -44,7 +44,8 @@ pytestmark = pytest.mark.e2e
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="rect" toName="image"><Label value="cat"/></RectangleLabels>
-</View>"""
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
+</View>"""  # the smart tag keeps the (slow fake) segmenter in pre-annotation: rectangles alone skip it
 WIDTH, HEIGHT = 32, 24
 CLI_TIMEOUT_S = 300
 

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.e2e
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="rect" toName="image"><Label value="cat"/></RectangleLabels>
-</View>"""
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat" smart="true"/></KeyPointLabels>
+</View>"""  # the smart tag keeps the (slow fake) segmenter in pre-annotation: rectangles alone skip it
 TASKS = 6
 EMBED_DELAY_S = 2.0  # per image: the background needs >= 8 s for the tasks past the budget
 BUDGET_S = 5.0  # room for two tasks at most: after two, 4 s spent + 2 s slowest > 5 s

@@ -65,9 +65,9 @@ def recording_loader(label_studio: LabelStudio, api_key: str) -> RecordingLoader
 
     @contextmanager
     def recorded(
-        method: str, url: str, headers: dict[str, str], ls: Any, body: bytes | None = None
+        method: str, url: str, headers: dict[str, str], *args: Any, **kwargs: Any
     ) -> Iterator[urllib3.BaseHTTPResponse]:
-        with original(method, url, headers, ls, body=body) as response:
+        with original(method, url, headers, *args, **kwargs) as response:
             sent.append(Sent(method, urlsplit(url).path, headers.get("Authorization"), response.status))
             yield response
 
