@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.everything [--points-per-side 32] [--size 1024x768] [--rounds 2]
     .venv/bin/python -m bench.everything --variants auto:0 auto:0:1 float32:0   # compared, ABAB...
+    .venv/bin/python -m bench.everything --variants auto:0 auto:1:0:raw     # folded vs transformers decoder
 
 The segmenter is the saved random SAM ViT-B of :func:`bench.common.ensure_models` (weights
 re-initialised so masks are not empty), loaded through ``registry.load_segmenter`` -- the
@@ -74,6 +75,7 @@ class TimedSegmenter:
 
     def __init__(self, inner: SamSegmenter) -> None:
         self.inner = inner
+        self.folded = inner.folded_decoder  # put back by the variants that use it
         self.model_id = inner.model_id
         self.encoder_s = self.decoder_s = 0.0
         self.calls = self.candidates = 0
@@ -100,16 +102,21 @@ class TimedSegmenter:
         return found
 
 
-def _variant(spec: str) -> tuple[str, int, int]:
-    """``DTYPE[:BATCH[:THREADS]]`` -> (dtype, batch, threads); 0 means the default."""
-    dtype, batch, threads = [*spec.split(":"), "", ""][:3]
-    return dtype or "auto", int(batch or 0), int(threads or 0)
+def _variant(spec: str) -> tuple[str, int, int, str]:
+    """``DTYPE[:BATCH[:THREADS[:DECODER]]]`` -> (dtype, batch, threads, decoder); 0 means the
+    default, DECODER is ``folded`` (default: what the backend runs) or ``raw`` (transformers')."""
+    dtype, batch, threads, decoder = [*spec.split(":"), "", "", ""][:4]
+    if decoder not in ("", "folded", "raw"):
+        raise SystemExit(f"decoder must be folded or raw, got {decoder!r} in {spec!r}")
+    return dtype or "auto", int(batch or 0), int(threads or 0), decoder or "folded"
 
 
-def _configure(segmenter: TimedSegmenter, dtype: str, batch: int, threads: int) -> None:
+def _configure(segmenter: TimedSegmenter, dtype: str, batch: int, threads: int, decoder: str) -> None:
     """Point the loaded adapter at a variant (weights stay float32; the dtype is autocast)."""
-    segmenter.inner.dtype = resolve_dtype(dtype, "cpu")
-    segmenter.inner.max_batch_size = resolve_batch_size(batch, "cpu", segmenter.inner.dtype)
+    inner = segmenter.inner
+    inner.dtype = resolve_dtype(dtype, "cpu")
+    inner.folded_decoder = segmenter.folded if decoder == "folded" else None
+    inner.max_batch_size = resolve_batch_size(batch, "cpu", inner.dtype, folded=inner.folded_decoder is not None)
     torch.set_num_threads(threads or DEFAULT_THREADS)
 
 
@@ -137,7 +144,7 @@ def _image_run(
         "decoder_s": round(segmenter.decoder_s, 3),
         "post_s": round(post, 3),
         "raw_encoder_s": raw["encoder"],
-        "raw_decoder_s": raw["decoder"],
+        "raw_decoder_s": round(raw["decoder"] + raw["model_decoder"], 4),
         "points": params.points_per_side**2,
         "segment_candidates_calls": segmenter.calls,
         "candidates": segmenter.candidates,
@@ -193,7 +200,13 @@ def main() -> None:
     segmenter = TimedSegmenter(
         load_segmenter(Settings(segmenter_model=str(paths.segmenter), device="cpu", dtype=args.dtype))
     )
-    timer = ForwardTimer({"encoder": segmenter.inner.model.vision_encoder, "decoder": segmenter.inner.decoder_module})
+    timer = ForwardTimer(
+        {
+            "encoder": segmenter.inner.model.vision_encoder,
+            "decoder": segmenter.inner.decoder_module,  # the folded decoder
+            "model_decoder": segmenter.inner.model,  # transformers' forward (the raw variants)
+        }
+    )
     image = synthetic_image(width, height)
     sha = pixel_sha256(image)
     params = EverythingParams(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch)
@@ -230,11 +243,11 @@ def main() -> None:
 
     rows: list[Row] = []
     for spec, result in results.items():
-        dtype, batch, threads = _variant(spec)
+        dtype, batch, threads, decoder = _variant(spec)
         name = (
             f"{args.points_per_side}x{args.points_per_side} grid, {width}x{height}, DTYPE={dtype} "
             f"(= {str(resolve_dtype(dtype, 'cpu')).removeprefix('torch.')}), SEGMENTER_BATCH_SIZE={batch}, "
-            f"TORCH_THREADS={threads}"
+            f"TORCH_THREADS={threads}, {decoder} decoder"
         )
         rows += [
             Row(

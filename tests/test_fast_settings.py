@@ -178,19 +178,23 @@ def test_decoder_batch_size_does_not_change_the_masks(sam_dir, image):
 
 
 def test_segmenter_batch_size_defaults_by_device(sam_dir):
-    """Per-box calls on CPU in float32 and two per call with bfloat16 (each measured fastest
-    there), batches of 16 on CUDA; explicit wins."""
+    """On CPU a model's own decoder: per-box calls in float32, two per call with bfloat16; the
+    folded decoder (plain SAM): two per call in both (each measured fastest there); batches of
+    16 on CUDA; explicit wins."""
     assert Settings().segmenter_batch_size == 0
     assert resolve_batch_size(0, "cpu") == 1
     assert resolve_batch_size(0, "cpu", torch.float32) == 1
     assert resolve_batch_size(0, "cpu", torch.bfloat16) == 2
+    assert resolve_batch_size(0, "cpu", torch.float32, folded=True) == 2
+    assert resolve_batch_size(0, "cpu", torch.bfloat16, folded=True) == 2
     assert resolve_batch_size(0, "cuda:0") == 16
+    assert resolve_batch_size(0, "cuda:0", folded=True) == 16
     assert resolve_batch_size(0, "cuda:0", torch.bfloat16) == 16
     assert resolve_batch_size(4, "cpu") == 4
     assert resolve_batch_size(4, "cpu", torch.bfloat16) == 4
     with pytest.raises(ValueError, match="SEGMENTER_BATCH_SIZE"):
         resolve_batch_size(-1, "cpu")
-    assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="float32")).max_batch_size == 1
+    assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="float32")).max_batch_size == 2
     assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="bfloat16")).max_batch_size == 2
     assert load_segmenter(Settings(segmenter_model=sam_dir, device="cpu", dtype="bfloat16",
                                    segmenter_batch_size=1)).max_batch_size == 1

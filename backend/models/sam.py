@@ -173,16 +173,21 @@ def upsample_padded_logits(
     return framed[0, 0] > 0
 
 
-def resolve_batch_size(max_batch_size: int, device: str, dtype: torch.dtype = torch.float32) -> int:
-    """``SEGMENTER_BATCH_SIZE``: prompt sets per decoder call, 0 choosing by device and dtype.
+def resolve_batch_size(
+    max_batch_size: int, device: str, dtype: torch.dtype = torch.float32, folded: bool = False
+) -> int:
+    """``SEGMENTER_BATCH_SIZE``: prompt sets per decoder call, 0 choosing by device, dtype and
+    decoder (``folded``: :mod:`backend.models.sam_decoder`).
 
-    On CPU every prompt set gets its own copy of the 64x64x256 image embedding inside the
-    decoder, and large batches of copies fall out of the CPU caches (bench/NOTES.md, SAM ViT-B,
-    2 cores). In float32 one per call is fastest (16 boxes: 1.19 s as 16 calls, 2.05 s as one
-    on an AVX2 EPYC; 2 per call 1.07-1.10x the time of 1 on an AMX Xeon). With bfloat16
-    autocast, whose copies are half the size, two per call is (AMX Xeon, 16 boxes: 2 per call
-    0.85-0.90x the time of 1, 4 per call 0.84-1.03x, 16 per call 1.4-1.7x). On CUDA a batch
-    fills the GPU: 16.
+    On CPU a model's own decoder gives every prompt set its own copy of the 64x64x256 image
+    embedding, and large batches of copies fall out of the CPU caches (bench/NOTES.md, SAM
+    ViT-B, 2 cores). There, in float32, one per call is fastest (16 boxes: 1.19 s as 16 calls,
+    2.05 s as one on an AVX2 EPYC; 2 per call 1.07-1.10x the time of 1 on an AMX Xeon); with
+    bfloat16 autocast, whose copies are half the size, two per call is (AMX Xeon: 0.85-0.90x
+    the time of 1). The folded decoder shares the first layer's image side among the prompt
+    sets, so two per call wins in float32 too (AMX Xeon, 16 boxes: 0.73x the time of one per
+    call in float32, 0.68x in bfloat16; four per call no better, sixteen slower). On CUDA a
+    batch fills the GPU: 16.
     """
     if max_batch_size < 0:
         raise ValueError(f"SEGMENTER_BATCH_SIZE must be >= 0 (0: by device and dtype), got {max_batch_size}")
@@ -190,7 +195,7 @@ def resolve_batch_size(max_batch_size: int, device: str, dtype: torch.dtype = to
         return max_batch_size
     if torch.device(device).type != "cpu":
         return 16
-    return 2 if dtype == torch.bfloat16 else 1
+    return 2 if folded or dtype == torch.bfloat16 else 1
 
 
 T = TypeVar("T")
@@ -236,7 +241,6 @@ class SamSegmenter:
         model_type: str | None = None,
     ) -> None:
         device = resolve_device(device)
-        max_batch_size = resolve_batch_size(max_batch_size, device, dtype)
         if model_type is None:
             model_type = load_pretrained(AutoConfig, model_id, what="segmenter config").model_type
         if model_type not in _FAMILIES:
@@ -248,8 +252,8 @@ class SamSegmenter:
         self.model_type = model_type
         self.device = device
         self.dtype = dtype
-        self.max_batch_size = max_batch_size
         self._family = _FAMILIES[model_type]
+        self.max_batch_size = resolve_batch_size(max_batch_size, device, dtype, folded=self._family is _SAM)
         self._lock = threading.Lock()
 
         model, info = load_pretrained(
