@@ -21,8 +21,9 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend.config import ConfigError, Settings
-from backend.deferred import BatchContext, DeferredPredictions, predict_within_budget
+from backend.deferred import BatchContext, DeferredPredictions, budget_deadline, predict_within_budget
 from backend.fast_json import OrjsonProvider
+from backend.images import load_deadline
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.logs import install_request_context
 from backend.metrics import CONTENT_TYPE, Metrics, webhook_action_label
@@ -287,11 +288,14 @@ def create_app(settings: Settings | None = None, predictor_factory: PredictorFac
             if context is not None:
                 if len(tasks) != 1:
                     raise ApiError(400, f"an interactive request must hold exactly one task, got {len(tasks)}")
-                results = [
-                    predictor.predict_interactive(tasks[0], context, label_config, creds, project_id(body.project))
-                ]
+                # a click's image download ends with the budget too: Label Studio waits no longer
+                with load_deadline(budget_deadline(settings.predict_time_budget_s, g.started)):
+                    results = [
+                        predictor.predict_interactive(tasks[0], context, label_config, creds, project_id(body.project))
+                    ]
             else:
                 project = project_id(body.project)
+                state.metrics.predict_tasks.observe(len(tasks))
                 batch = BatchContext.create(predictor, label_config, creds, project_setup.mode, project)
                 results = predict_within_budget(batch, tasks, state.deferred, settings.predict_time_budget_s, g.started)
         except LabelConfigError as exc:

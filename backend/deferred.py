@@ -22,6 +22,10 @@ since Label Studio would store the inline answer next to the background's post. 
 background finished less than ``RECENT_S`` ago is handed back to the background too, not
 predicted inline: Label Studio may have listed it as lacking a prediction just before the post
 landed, and the background checks Label Studio before predicting it again.
+
+The budget also bounds each task's image download (``backend.images.load_deadline``): retries
+and back-off of one slow image cannot carry the request past it. The background's lines in the
+log carry the request id of the request that deferred the task, and the task's id.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ import httpx
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.config import Settings
+from backend.images import load_deadline
 from backend.jobs import DEFAULT_BACKOFF, Backoff, describe_error, post_predictions
+from backend.logs import current_log_context, log_context
 from backend.ls_client import LabelStudioClient
 from backend.metrics import Metrics
 from backend.predictor import Credentials, Predictor
@@ -125,7 +131,8 @@ class DeferredPredictions:
         self.client = client
         self.backoff = backoff
         self.clock = clock
-        self._queue: queue.Queue[tuple[Key, BatchContext, dict[str, Any]]] = queue.Queue(maxsize=max_queued)
+        # each task with the id of the request that deferred it, for the worker's log lines
+        self._queue: queue.Queue[tuple[Key, BatchContext, dict[str, Any], str]] = queue.Queue(maxsize=max_queued)
         self._cond = threading.Condition()
         self._pending: set[Key] = set()  # queued or in flight
         self._recent: OrderedDict[Key, float] = OrderedDict()  # finished, at clock time
@@ -154,8 +161,9 @@ class DeferredPredictions:
         if self.client is None:
             outcomes = ["no_credentials"] * len(tasks)
         else:
+            request_id = current_log_context()[0]
             with self._cond:
-                outcomes = [self._enqueue(batch, task) for task in tasks]
+                outcomes = [self._enqueue(batch, task, request_id) for task in tasks]
                 self.metrics.deferred_pending.set(len(self._pending))
                 if "queued" in outcomes and (self._thread is None or not self._thread.is_alive()):
                     self._thread = threading.Thread(target=self._work, name="deferred-predictions", daemon=True)
@@ -168,14 +176,14 @@ class DeferredPredictions:
         with self._cond:
             return self._cond.wait_for(lambda: not self._pending, timeout)
 
-    def _enqueue(self, batch: BatchContext, task: dict[str, Any]) -> str:
+    def _enqueue(self, batch: BatchContext, task: dict[str, Any], request_id: str) -> str:
         key = batch.key(task)
         if key is None:
             return "unpostable"
         if key in self._pending:
             return "already_queued"
         try:
-            self._queue.put_nowait((key, batch, task))
+            self._queue.put_nowait((key, batch, task, request_id))
         except queue.Full:
             return "dropped"
         self._pending.add(key)
@@ -207,8 +215,9 @@ class DeferredPredictions:
 
     def _work(self) -> None:
         while True:
-            key, batch, task = self._queue.get()
-            outcome = self._finish(key, batch, task)
+            key, batch, task, request_id = self._queue.get()
+            with log_context(request_id, [key[2]]):  # no Flask request here to name them
+                outcome = self._finish(key, batch, task)
             self.metrics.deferred_tasks.labels(outcome=outcome).inc()
             with self._cond:
                 self._pending.discard(key)
@@ -252,6 +261,16 @@ class DeferredPredictions:
         return "posted"
 
 
+def budget_deadline(
+    budget_s: float, started: float, clock: Callable[[], float] = time.perf_counter
+) -> float | None:
+    """The ``time.monotonic()`` at which a request that arrived at ``started`` (on ``clock``)
+    runs out of ``budget_s`` (0: no budget, None): what image loads are bounded by."""
+    if budget_s <= 0:
+        return None
+    return time.monotonic() + budget_s - (clock() - started)
+
+
 def predict_within_budget(
     batch: BatchContext,
     tasks: Sequence[dict[str, Any]],
@@ -264,8 +283,11 @@ def predict_within_budget(
 
     Before each task, the request stops predicting when the time since ``started`` (its arrival,
     on ``clock``) plus its slowest task so far would pass ``budget_s`` (0: no budget); tasks the
-    background owns are never predicted here. The tasks left go to ``deferred``.
+    background owns are never predicted here. The tasks left go to ``deferred``. A task that
+    started in time still fails, with an error naming the budget, if its image is not
+    downloaded by the budget's end.
     """
+    deadline = budget_deadline(budget_s, started, clock)
     items: list[dict[str, Any] | None] = []
     slowest = 0.0
     out_of_time = False
@@ -280,7 +302,8 @@ def predict_within_budget(
             items.append(None)
             continue
         begun = clock()
-        items.append(batch.predict(task))
+        with load_deadline(deadline):
+            items.append(batch.predict(task))
         slowest = max(slowest, clock() - begun)
     left = [task for task, item in zip(tasks, items, strict=True) if item is None]
     outcomes = iter(deferred.submit(batch, left) if left else [])

@@ -43,6 +43,13 @@ included: socket timeouts bound each read, not their sum, so a server dripping a
 at a time would otherwise hold a worker forever. At the deadline a watchdog shuts the socket
 down, which wakes the blocked read.
 
+A load can also be given an absolute deadline (``time.monotonic()``): ``/predict``'s
+``PREDICT_TIME_BUDGET_S``, which ``DOWNLOAD_TIMEOUT_S`` alone does not respect since one image may
+take ``MAX_TRIES`` attempts plus back-off sleeps. Each attempt's deadline is then cut to the time
+left, and a retry whose back-off would end past it is not made: the task fails at the deadline
+with an error naming the budget. The ``Predictor`` between ``/predict`` and the loader does not
+pass one, so ``/predict`` sets it around the prediction with ``load_deadline``.
+
 Downloads are cached by URL (Label Studio paths by Label Studio URL + path, cloud URIs by the
 URI, not the presigned URL): in memory in an LRU bounded by bytes, and with ``IMAGE_CACHE_DIR``
 on disk, written atomically and never evicted (prune it with ``find -mtime``). Cached images are
@@ -62,6 +69,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import contextvars
 import hashlib
 import io
 import ipaddress
@@ -112,6 +120,21 @@ METADATA_ADDRESSES = frozenset(
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# The absolute time.monotonic() by which the image loads of this context must end; None: unbounded.
+_LOAD_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("image_load_deadline", default=None)
+
+
+@contextlib.contextmanager
+def load_deadline(deadline: float | None) -> Iterator[None]:
+    """Every ``ImageLoader.load`` in the block (in this thread) ends by ``deadline``, a
+    ``time.monotonic()`` value (None: no bound): how ``/predict``'s time budget reaches loads it
+    makes through the ``Predictor``, which passes no deadline itself."""
+    token = _LOAD_DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _LOAD_DEADLINE.reset(token)
 
 
 class ImageLoadError(ValueError):
@@ -408,9 +431,13 @@ class ImageLoader:
         value_key: str,
         hostname: str | None = None,
         access_token: str | None = None,
+        *,
+        deadline: float | None = None,
     ) -> LoadedImage:
         """Load ``task["data"][value_key]``; ``hostname`` / ``access_token`` come from ``/setup``.
 
+        ``deadline`` (``time.monotonic()``; None: the one ``load_deadline`` set, if any) bounds
+        the downloads, retries and back-off sleeps together (see the module docstring).
         Raises ``ImageLoadError`` for every failure, with the task key and reason.
         """
         task_id = task.get("id")
@@ -421,8 +448,9 @@ class ImageLoader:
             raise ImageLoadError(f"{where} holds no image reference (got {_shorten(repr(value))})")
         value = value.strip()
         try:
-            raw = self._read(value, task_id, hostname, access_token)
-            image = self._decode_and_cache(raw)
+            with load_deadline(_LOAD_DEADLINE.get() if deadline is None else deadline):
+                raw = self._read(value, task_id, hostname, access_token)
+                image = self._decode_and_cache(raw)
         except ImageLoadError as exc:
             raise ImageLoadError(f"{where} = {_shorten(value)!r}: {exc}") from exc
         except ValueError as exc:  # urllib.parse on malformed URLs ("http://[x", bad ports)
@@ -666,27 +694,46 @@ class ImageLoader:
     # ------------------------------------------------------------------ HTTP
 
     def _fetch_with_retries(self, url: str, ls: _LabelStudio | None) -> bytes:
+        """Up to ``MAX_TRIES`` attempts with back-off, all within the load's deadline, if any."""
+        load_by = _LOAD_DEADLINE.get()
         delay = self._backoff_s
         attempt = 1
         while True:
+            seconds = self.settings.download_timeout_s
+            if load_by is not None:
+                left = load_by - time.monotonic()
+                if left <= 0:
+                    raise self._out_of_budget(url)
+                seconds = min(seconds, left)
             try:
-                return self._fetch(url, ls)
+                return self._fetch(url, ls, seconds)
             except _FetchError as exc:
+                # an attempt cut short at the load's deadline reads as DOWNLOAD_TIMEOUT_S otherwise
+                if load_by is not None and time.monotonic() >= load_by:
+                    raise self._out_of_budget(url, exc) from exc
                 if not exc.transient:
                     raise
                 if attempt >= MAX_TRIES:
                     raise _FetchError(f"{exc} (gave up after {MAX_TRIES} tries)", exc.status) from exc
                 wait = delay if exc.retry_after is None else min(exc.retry_after, MAX_RETRY_AFTER_S)
+                if load_by is not None and time.monotonic() + wait >= load_by:
+                    raise self._out_of_budget(url, exc) from exc  # the retry would start too late
                 log.info("retrying %s in %.1fs: %s", _display_url(url), wait, exc)
                 time.sleep(wait)
             attempt += 1
             delay *= 2
 
-    def _fetch(self, url: str, ls: _LabelStudio | None) -> bytes:
-        """One attempt: GET ``url`` within one ``DOWNLOAD_TIMEOUT_S`` deadline, following
-        redirects by hand so every hop is checked and the token is attached only where the
-        hop's origin is Label Studio's."""
-        deadline = _Deadline(self.settings.download_timeout_s)
+    def _out_of_budget(self, url: str, last: _FetchError | None = None) -> _FetchError:
+        """The error of a download the load's deadline stopped, with the last attempt's error."""
+        budget = f"PREDICT_TIME_BUDGET_S={self.settings.predict_time_budget_s:g}"
+        message = f"{_display_url(url)}: not downloaded within the request's time budget ({budget})"
+        return _FetchError(message + (f"; last try: {last}" if last is not None else ""))
+
+    def _fetch(self, url: str, ls: _LabelStudio | None, seconds: float) -> bytes:
+        """One attempt: GET ``url`` within one deadline of ``seconds`` (``DOWNLOAD_TIMEOUT_S``,
+        or less when the load's deadline is nearer), following redirects by hand so every hop
+        is checked and the token is attached only where the hop's origin is Label Studio's."""
+        deadline = _Deadline(seconds)
         try:
             refresh = False  # after a 401 to an access token: exchange the PAT again, once
             refreshed = False

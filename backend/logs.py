@@ -7,13 +7,19 @@ one) a failure cannot be traced from the user's error message to its log lines.
 The ids are added by a log record factory rather than a handler filter, so every record
 created during a request carries them whichever handler formats it (ours, gunicorn's,
 pytest's): ``record.request_id`` and ``record.task_ids`` (``-`` / empty outside a request).
+Work a request hands to another thread (the deferred predictions' worker) has no Flask request
+context, so that thread sets the originating request's id and its task ids with ``log_context``,
+which the factory reads when no request is active: its lines trace back to the request too.
 ``LOG_FORMAT=json`` writes one JSON object per line for log collectors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flask import g, has_request_context
@@ -24,11 +30,35 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] [req %(reques
 LOG_FORMATS = ("text", "json")
 MAX_TASK_IDS = 10  # a 1,000-task batch must not put 1,000 ids on every line
 
+# (request id, task ids) of work done outside a Flask request on a request's behalf
+_BACKGROUND: contextvars.ContextVar[tuple[str, Sequence[Any]] | None] = contextvars.ContextVar(
+    "log_context", default=None
+)
 
-def _task_ids_text(task_ids: list[Any]) -> str:
+
+def _task_ids_text(task_ids: Sequence[Any]) -> str:
     shown = ",".join(str(t) for t in task_ids[:MAX_TASK_IDS])
     more = len(task_ids) - MAX_TASK_IDS
     return shown + (f",... (+{more})" if more > 0 else "")
+
+
+def current_log_context() -> tuple[str, Sequence[Any]]:
+    """The request id and task ids the log lines written here carry (``-`` and none outside
+    a request or ``log_context``): what work handed to another thread takes along."""
+    if has_request_context():
+        return g.get("request_id", "-"), g.get("task_ids", [])
+    return _BACKGROUND.get() or ("-", [])
+
+
+@contextlib.contextmanager
+def log_context(request_id: str, task_ids: Sequence[Any]) -> Iterator[None]:
+    """Log lines written in the block outside a Flask request carry ``request_id`` and
+    ``task_ids`` (a background thread working for a request)."""
+    token = _BACKGROUND.set((request_id, task_ids))
+    try:
+        yield
+    finally:
+        _BACKGROUND.reset(token)
 
 
 def install_request_context() -> None:
@@ -39,10 +69,8 @@ def install_request_context() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        request_id, task_ids = "-", ""
-        if has_request_context():
-            request_id = g.get("request_id", "-")
-            task_ids = _task_ids_text(g.get("task_ids", []))
+        request_id, ids = current_log_context()
+        task_ids = _task_ids_text(ids)
         record.request_id = request_id
         record.task_ids = task_ids
         record.task_ids_suffix = f" tasks {task_ids}" if task_ids else ""

@@ -52,6 +52,15 @@ class Metrics:
             "Detector boxes whose text matched no label phrase (dropped, never given a default label)",
             registry=self.registry,
         )
+        # How many tasks Label Studio sends per batch /predict: "Retrieve predictions" on a
+        # selection is one call for all of it, which the e2e tests rely on to catch results
+        # returned out of task order (a call per task could not).
+        self.predict_tasks = Histogram(
+            "gsb_predict_tasks_per_request",
+            "Tasks per batch /predict request (interactive calls carry one task and are not counted)",
+            buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=self.registry,
+        )
         self.webhook_events = Counter(
             "gsb_webhook_events", "Webhook events received by action", ["action"], registry=self.registry
         )

@@ -348,8 +348,9 @@ def _fill_polygon(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
 
 
-def decode_brush_rle(rle: Any, width: int, height: int) -> np.ndarray:
-    """Mask from Label Studio brush RLE (alpha channel non-zero), checked against the size."""
+def brush_rle_bytes(rle: Any, width: int, height: int) -> bytes:
+    """A region's ``value.rle`` as bytes, checked to be an RGBA image of ``width`` x ``height``
+    (what both a full decode and a single-pixel read need before trusting it)."""
     if not isinstance(rle, list | tuple | bytes) or len(rle) < 4:
         raise ValueError("brush region has no RLE data (value.rle)")
     try:
@@ -363,6 +364,12 @@ def decode_brush_rle(rle: Any, width: int, height: int) -> np.ndarray:
             f"brush RLE holds {declared} values but original_width x original_height x 4 = "
             f"{width} x {height} x 4 = {expected}; the region does not belong to an image of this size"
         )
+    return data
+
+
+def decode_brush_rle(rle: Any, width: int, height: int) -> np.ndarray:
+    """Mask from Label Studio brush RLE (alpha channel non-zero), checked against the size."""
+    data = brush_rle_bytes(rle, width, height)
     try:
         flat = brush_rle.decode(data)
     except (ValueError, IndexError) as exc:

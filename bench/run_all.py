@@ -23,7 +23,7 @@ BENCHES: dict[str, list[str]] = {
     "interactive": ["--clicks", "50", "--naive", "1"],
     "preannotate": ["--rounds", "1", "--box-rounds", "2"],
     "everything": ["--points-per-side", "8", "--worst-points-per-side", "4", "--decoder-batch", "0"],
-    "load": ["--seconds", "20", "--batch-seconds", "10"],
+    "load": ["--seconds", "30", "--batch-seconds", "10"],  # issue 8: 50 concurrent clicks for 30 s
     "zoo": ["--routes", "grounded", "sam2"],
 }
 TITLES = {

@@ -75,6 +75,60 @@ def test_model_load_failure_is_reported_everywhere(make_client) -> None:
     assert predict.status_code == 503 and "nope/missing" in predict.json["detail"]
 
 
+@pytest.mark.parametrize(
+    ("setting", "model", "hints"),
+    [
+        # A local folder that is not there: where the error points is the folder itself.
+        ("DETECTOR_MODEL", "/nonexistent/gsb-tests/grounding-dino", ("does not exist", "save_pretrained")),
+        ("SEGMENTER_MODEL", "/nonexistent/gsb-tests/sam", ("does not exist", "save_pretrained")),
+        # A hub id that is not in the cache, offline: pre-download, HF_HOME, offline mode.
+        ("DETECTOR_MODEL", "gsb-tests/no-such-detector", ("hf download gsb-tests/no-such-detector", "HF_HOME=",
+                                                           "HF_HUB_OFFLINE is set")),
+        ("SEGMENTER_MODEL", "gsb-tests/no-such-segmenter", ("hf download gsb-tests/no-such-segmenter", "HF_HOME=",
+                                                             "HF_HUB_OFFLINE is set")),
+    ],
+)
+def test_real_model_loading_failure_names_the_model_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, setting: str, model: str, hints: tuple[str, ...]
+) -> None:
+    """The default predictor factory (the one ``serve`` uses) on a model that cannot be found:
+    the sentence a user reads in /health and /setup is the loader's own, not a test's. The
+    detector case pins ``PIPELINE`` because ``auto`` reads the segmenter's config first."""
+    from backend.app import create_app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    environ = {setting: model, "PIPELINE": "grounded-sam" if setting == "DETECTOR_MODEL" else "auto",
+               "DEVICE": "cpu", "MODEL_WAIT_S": "1"}
+    client = create_app(Settings.from_env(environ)).test_client()
+    health = wait_for_models(client, 60)
+    assert health["model_state"] == "error", health
+    role = "detector" if setting == "DETECTOR_MODEL" else "segmenter"
+    assert health[role] == model
+    setup = client.post("/setup", json={"schema": CONFIG_ALL_OUTPUTS})
+    assert setup.status_code == 503
+    for message in (health["error"], setup.json["detail"]):
+        assert f"{role} config" in message and repr(model) in message
+        for hint in hints:
+            assert hint in message, (hint, message)
+        if "HF_HOME=" in hints:
+            assert str(tmp_path / "hf-home") in message
+
+
+def test_predict_tasks_per_request_histogram_counts_batch_calls_only(make_client) -> None:
+    client, _ = _ready_client(make_client)
+    tasks = [image_task(1, 32, 32), image_task(2, 48, 32), image_task(3, 32, 48)]
+    assert client.post("/predict", json=_predict_body(tasks)).status_code == 200
+    assert client.post("/predict", json=_predict_body(tasks[:1])).status_code == 200
+    # an interactive call (any context, here one the backend refuses) is not a batch
+    assert client.post("/predict", json=_predict_body(tasks[:1], context={})).status_code == 400
+    metrics = client.get("/metrics").text
+    assert "gsb_predict_tasks_per_request_count 2.0" in metrics
+    assert "gsb_predict_tasks_per_request_sum 4.0" in metrics
+    assert 'gsb_predict_tasks_per_request_bucket{le="2.0"} 1.0' in metrics
+    assert 'gsb_predict_tasks_per_request_bucket{le="3.0"} 2.0' in metrics
+
+
 def test_setup_version_is_stable_and_follows_thresholds(make_client) -> None:
     client, _ = _ready_client(make_client)
     first = client.post("/setup", json={"project": "3.99", "schema": CONFIG_ALL_OUTPUTS}).json

@@ -7,6 +7,7 @@ background makes. Only the HTTP test uses real time, with wide margins.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from flask import Flask, g
 from label_studio_sdk.errors import BadRequestError
 from PIL import Image
 
@@ -21,6 +23,7 @@ from backend.config import ConfigError, Settings
 from backend.deferred import RECENT_S, BatchContext, DeferredPredictions, predict_within_budget
 from backend.jobs import Backoff
 from backend.labeling import parse_label_config
+from backend.logs import install_request_context
 from backend.metrics import Metrics
 from backend.models.base import ImageEmbedding
 from backend.predictor import Credentials, Predictor, model_version_for
@@ -242,6 +245,27 @@ def test_failures_are_counted_and_never_posted(
     assert deferred.wait_idle(30)
     assert _outcomes(predictor.metrics)["failed"] == 2.0  # task 6; task 5 ran inline
     assert ls.count(6) == 0
+
+
+def test_the_workers_log_lines_carry_the_deferring_request_id_and_their_task(
+    predictor: Predictor, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker has no Flask request to read them from, yet its lines must trace back to the
+    request that deferred the task (``X-Request-ID``) and name the task."""
+    install_request_context()  # what create_app does
+    ls = FakeLabelStudio()
+    ls.refuse = {3}
+    deferred = _background(predictor, ls, clock)
+    with caplog.at_level(logging.INFO), Flask(__name__).test_request_context():
+        g.request_id, g.task_ids = "ls-4711", [1, 2, 3]
+        predict_within_budget(_batch(predictor), _tasks([1, 2, 3]), deferred, budget_s=0.5, started=0.0, clock=clock)
+        assert deferred.wait_idle(30)
+    background = [r for r in caplog.records if r.threadName == "deferred-predictions"]
+    assert {r.getMessage().split(" (")[0]: r.task_ids for r in background} == {
+        "deferred task 2": "2", "deferred task 3": "3"
+    }
+    assert {r.request_id for r in background} == {"ls-4711"}
+    assert "refused by Label Studio" in background[-1].getMessage()
 
 
 def test_a_full_queue_drops_and_requests_without_ids_cannot_post(predictor: Predictor, clock: FakeClock) -> None:

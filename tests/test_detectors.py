@@ -12,11 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
+from backend.config import Settings
+from backend.labeling import parse_label_config
+from backend.metrics import Metrics
 from backend.models.base import Detection, Detector
 from backend.models.captions import normalize_phrase
 from backend.models.grounding_dino import GroundingDinoDetector
 from backend.models.loading import ModelLoadError
 from backend.models.owlv2 import Owlv2Detector
+from backend.predictor import Credentials
+from tests.conftest import build_predictor, data_uri, png_bytes
+from tests.fakes import BoxFillSegmenter
 from tests.tiny_models import (
     DEFAULT_WORDS,
     build_tiny_grounding_dino,
@@ -124,9 +130,21 @@ class ScriptedModel:
         return SimpleNamespace(logits=logits, pred_boxes=boxes)
 
 
-def test_sixty_labels_mapped_to_their_own_boxes(grounding_dino, monkeypatch):
+def sixty_labels() -> list[str]:
+    """60 labels of 4 to 10 tokens (words spelled out in characters): several captions' worth."""
     extra = ["zebra", "number", "quartz", "wagon"]
-    prompts = [f"{DEFAULT_WORDS[i % 8]} {extra[i % 4]} {i}" for i in range(60)]
+    return [f"{DEFAULT_WORDS[i % 8]} {extra[i % 4]} {i}" for i in range(60)]
+
+
+def traced_phrase(scripted: ScriptedModel, centre: tuple[float, float]) -> str:
+    """The caption phrase whose query produced a box, from the box centre as a fraction of the
+    image (``ScriptedModel`` encodes the call in y and the query in x)."""
+    cx, cy = centre
+    return scripted.phrase_text[(round(cy * 10 - 0.5), round(cx * ScriptedModel.queries - 0.5))]
+
+
+def test_sixty_labels_mapped_to_their_own_boxes(grounding_dino, monkeypatch):
+    prompts = sixty_labels()
     scripted = ScriptedModel(grounding_dino.processor.tokenizer)
     monkeypatch.setattr(grounding_dino, "model", scripted)
     image = Image.new("RGB", (1000, 500))
@@ -140,11 +158,45 @@ def test_sixty_labels_mapped_to_their_own_boxes(grounding_dino, monkeypatch):
     assert stats.unmatched == 3 * stats.forwards, "separator-only queries are dropped and counted"
     assert sorted(d.prompt_index for d in detections) == list(range(60)), "each label once"
     for detection in detections:
-        cx = (detection.box[0] + detection.box[2]) / 2 / 1000
-        cy = (detection.box[1] + detection.box[3]) / 2 / 500
-        call, query = round(cy * 10 - 0.5), round(cx * ScriptedModel.queries - 0.5)
-        assert scripted.phrase_text[(call, query)] == normalize_phrase(prompts[detection.prompt_index])
+        centre = ((detection.box[0] + detection.box[2]) / 2 / 1000, (detection.box[1] + detection.box[3]) / 2 / 500)
+        assert traced_phrase(scripted, centre) == normalize_phrase(prompts[detection.prompt_index])
         assert detection.score == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item())
+
+
+def test_sixty_label_config_gets_every_label_its_own_regions(grounding_dino, monkeypatch):
+    """Issue 2's mapping check from end to end: label config -> prompts -> captions and token
+    spans -> boxes -> regions, with a model output that reports token positions only. A
+    region's label must be the label whose phrase its query lit up, in every caption; boxes
+    lighting up only a "." (a phrase covering no label) are dropped and counted."""
+    labels = sixty_labels()
+    tags = "".join(f'<Label value="{label}"/>' for label in labels)
+    config = (
+        f'<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">{tags}'
+        f'</RectangleLabels><BrushLabels name="brush" toName="image">{tags}</BrushLabels></View>'
+    )
+    project = parse_label_config(config)
+    assert list(project.prompts_by_label()) == labels
+    scripted = ScriptedModel(grounding_dino.processor.tokenizer)
+    monkeypatch.setattr(grounding_dino, "model", scripted)
+    metrics = Metrics()
+    predictor = build_predictor(Settings(), grounding_dino, BoxFillSegmenter(), metrics)
+    task = {"id": 1, "data": {"image": data_uri(png_bytes(1000, 500))}}
+
+    (item,) = predictor.predict_tasks([task], config, Credentials())
+
+    assert "result" in item, item
+    forwards = len(scripted.lengths)
+    assert forwards > 1, "60 labels need several captions"
+    assert metrics.registry.get_sample_value("gsb_unmatched_phrases_total") == 3 * forwards
+    for control, kind in (("box", "rectanglelabels"), ("brush", "brushlabels")):
+        regions = [region for region in item["result"] if region["from_name"] == control]
+        assert sorted(region["value"][kind][0] for region in regions) == sorted(labels), f"{control}: each label once"
+    for region in item["result"]:
+        if region["type"] != "rectanglelabels":
+            continue
+        value = region["value"]
+        centre = ((value["x"] + value["width"] / 2) / 100, (value["y"] + value["height"] / 2) / 100)
+        assert traced_phrase(scripted, centre) == normalize_phrase(value["rectanglelabels"][0])
 
 
 def test_max_image_size_is_applied(grounding_dino_dir, image, monkeypatch):

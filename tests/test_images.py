@@ -686,6 +686,63 @@ def test_a_server_dripping_headers_is_cut_at_the_download_deadline() -> None:
     assert len(closed_after) == 3 and all(0.45 < t < 1.5 for t in closed_after), closed_after
 
 
+def test_a_load_deadline_cuts_the_attempt_and_skips_the_retries() -> None:
+    """One image could take MAX_TRIES x DOWNLOAD_TIMEOUT_S plus back-off; a request's time budget
+    is what it may really take."""
+    images = loader(allowed_image_hosts="127.0.0.1", download_timeout_s=5.0)
+    with dripping_headers() as (base, closed_after):
+        started = time.monotonic()
+        with pytest.raises(ImageLoadError) as caught:
+            images.load(task(f"{base}/a.png"), "image", deadline=started + 0.5)
+        elapsed = time.monotonic() - started
+        noticed_by = time.monotonic() + 2.0
+        while not closed_after and time.monotonic() < noticed_by:
+            time.sleep(0.05)
+    message = str(caught.value)
+    assert "not downloaded within the request's time budget (PREDICT_TIME_BUDGET_S=75)" in message
+    assert "no complete response within DOWNLOAD_TIMEOUT_S" in message  # the last try's error
+    assert "gave up after" not in message
+    assert 0.45 < elapsed < 2.0
+    assert len(closed_after) == 1  # no second attempt after the deadline
+
+
+def test_a_back_off_that_would_end_past_the_deadline_is_not_slept(serve, monkeypatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(images_module.time, "sleep", waits.append)
+    base, hits = serve(lambda hit: (503, {"Retry-After": "5"}, b""))
+    images = loader(allowed_image_hosts="127.0.0.1")
+    with pytest.raises(ImageLoadError, match=r"time budget .*; last try: .* answered HTTP 503"):
+        images.load(task(f"{base}/busy.png"), "image", deadline=time.monotonic() + 2.0)
+    assert waits == [] and len(hits) == 1
+    # a wait that fits is still made, and so is the retry after it
+    with pytest.raises(ImageLoadError, match="gave up after 3 tries"):
+        images.load(task(f"{base}/busy.png"), "image", deadline=time.monotonic() + 60.0)
+    assert waits == [5.0, 5.0] and len(hits) == 4
+
+
+def test_a_passed_deadline_opens_no_connection_but_needs_none_for_inline_images(serve) -> None:
+    base, hits = serve(lambda hit: image_response(sample_png()))
+    images = loader(allowed_image_hosts="127.0.0.1")
+    past = time.monotonic() - 1.0
+    with pytest.raises(ImageLoadError, match="not downloaded within the request's time budget"):
+        images.load(task(f"{base}/a.png"), "image", deadline=past)
+    assert hits == []
+    assert images.load(task(data_uri(sample_png())), "image", deadline=past).width == 48
+
+
+def test_load_deadline_bounds_the_loads_made_inside_it(serve) -> None:
+    """How /predict bounds the loads it makes through the Predictor, which passes no deadline."""
+    base, hits = serve(lambda hit: image_response(sample_png()))
+    images = loader(allowed_image_hosts="127.0.0.1")
+    with images_module.load_deadline(time.monotonic() - 1.0), pytest.raises(ImageLoadError, match="time budget"):
+        images.load(task(f"{base}/a.png"), "image")
+    assert hits == []
+    assert images.load(task(f"{base}/a.png"), "image").width == 48  # unbounded again after the block
+    with images_module.load_deadline(time.monotonic() - 1.0):  # an explicit deadline wins
+        assert images.load(task(f"{base}/b.png"), "image", deadline=time.monotonic() + 30).width == 48
+    assert len(hits) == 2
+
+
 # ---------------------------------------------------------------------------- local files
 
 

@@ -264,6 +264,38 @@ def test_stalled_and_trickling_downloads_end_as_per_task_errors_within_the_timeo
     assert elapsed < 3.0
 
 
+def test_a_stalled_image_ends_at_the_request_budget_and_later_tasks_are_deferred() -> None:
+    """PREDICT_TIME_BUDGET_S bounds the whole request, not only the start of each task: without
+    it the stalled image takes 3 tries x DOWNLOAD_TIMEOUT_S=3 s, past the 1 s budget."""
+    stop = threading.Event()
+
+    def stall(handler: BaseHTTPRequestHandler) -> None:
+        stop.wait(10)  # accept, then never answer
+
+    client, _, _ = ready_app(
+        Settings(predict_time_budget_s=1.0, download_timeout_s=3.0, allowed_image_hosts="127.0.0.1")
+    )
+    with loopback(stall) as (stalled, hits):
+        try:
+            started = time.perf_counter()
+            batch = [url_task(1, f"{stalled}/a.png"), image_task(2, 32, 24), image_task(3, 32, 24)]
+            results = client.post("/predict", json=predict_body(batch)).json["results"]
+            batch_s = time.perf_counter() - started
+            started = time.perf_counter()
+            answer = client.post("/predict", json=predict_body([url_task(4, f"{stalled}/b.png")], KEYPOINT_CONFIG,
+                                                               click(50.0, 50.0)))
+            click_s = time.perf_counter() - started
+        finally:
+            stop.set()
+    assert "not downloaded within the request's time budget (PREDICT_TIME_BUDGET_S=1)" in results[0]["error"]
+    assert "no complete response within DOWNLOAD_TIMEOUT_S=3" in results[0]["error"]
+    assert [item.get("deferred") for item in results[1:]] == [True, True]  # not started in time: deferred
+    assert answer.status_code == 200
+    assert "time budget (PREDICT_TIME_BUDGET_S=1)" in answer.json["results"][0]["error"]  # clicks too
+    assert len(hits) == 2  # one cut attempt per image, no retries past the budget
+    assert batch_s < 2.5 and click_s < 2.5, (batch_s, click_s)
+
+
 # ---------------------------------------------------------------------------- faults
 
 

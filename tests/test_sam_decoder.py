@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+from transformers import SamConfig, SamModel
 
 from backend.models.base import PromptSet
 from backend.models.sam import SamSegmenter
 from backend.models.sam_decoder import FoldedSamDecoder
-from tests.tiny_sam_models import build_tiny_sam, build_tiny_sam_hq, reinit_weights
+from tests.tiny_sam_models import build_tiny_sam, build_tiny_sam_hq, reinit_weights, tiny_sam_config
 
 
 def _prompts(n: int, low_res: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -40,20 +40,7 @@ def _prompts(n: int, low_res: int) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _tiny_model() -> SamModel:
-    config = SamConfig(
-        vision_config=SamVisionConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            output_channels=32,
-            global_attn_indexes=[0],
-            mlp_dim=64,
-            num_pos_feats=16,
-        ).to_dict(),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32).to_dict(),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=32).to_dict(),
-    )
-    model = SamModel(config).eval()
+    model = SamModel(tiny_sam_config()).eval()
     reinit_weights(model, std=0.3)
     return model
 

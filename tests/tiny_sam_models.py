@@ -82,16 +82,20 @@ def _save(model: torch.nn.Module, processor: object, path: str | Path) -> Path:
     return folder
 
 
-def build_tiny_sam(path: str | Path) -> Path:
-    """SamModel (the facebook/sam-vit-* and SlimSAM layout) at the real 1024 px input, so the
-    low-resolution logits are the real 256x256."""
-    config = SamConfig(
+def tiny_sam_config() -> SamConfig:
+    """SamModel's config (the facebook/sam-vit-* and SlimSAM layout) at the real 1024 px input,
+    so the low-resolution logits are the real 256x256."""
+    return SamConfig(
         vision_config=SamVisionConfig(**_SAM_VISION).to_dict(),
         prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32).to_dict(),
         mask_decoder_config=SamMaskDecoderConfig(hidden_size=32).to_dict(),
     )
+
+
+def build_tiny_sam(path: str | Path) -> Path:
+    """A tiny :func:`tiny_sam_config` SamModel with visible random weights."""
     processor = SamProcessor(image_processor=SamImageProcessor())
-    return _save(SamModel(config), processor, path)
+    return _save(SamModel(tiny_sam_config()), processor, path)
 
 
 def build_tiny_sam_hq(path: str | Path) -> Path:

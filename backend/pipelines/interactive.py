@@ -55,7 +55,13 @@ from backend.embedding_cache import EmbeddingCache, cache_key
 from backend.labeling import MASK_TYPES, OutputControl, ProjectConfig, split_prompt
 from backend.models.base import Box, ConceptSegmenter, Detector, ImageEmbedding, PromptSet, Segmenter
 from backend.pipelines.preannotate import PreannotateParams, find_instances
-from backend.regions import MAX_VERTEX_SPAN, Instance, decode_region_mask, join_split_results
+from backend.regions import (
+    MAX_VERTEX_SPAN,
+    Instance,
+    brush_rle_bytes,
+    decode_region_mask,
+    join_split_results,
+)
 
 
 class InteractiveError(ValueError):
@@ -272,14 +278,7 @@ def _brush_covers(rle: Any, x: int, y: int, width: int, height: int) -> bool:
     """Whether a brush RLE paints pixel ``(x, y)``: its alpha value (RGBA, row-major), read
     without decoding the rest of the mask. ``ValueError`` for RLE that ``decode_region_mask``
     would reject as well (wrong type or size, truncated before the pixel)."""
-    if not isinstance(rle, list | tuple | bytes) or len(rle) < 4:
-        raise ValueError("brush region has no RLE data")
-    try:
-        data = bytes(rle)
-    except (TypeError, ValueError) as exc:
-        raise ValueError("brush RLE must be a list of byte values 0..255") from exc
-    if int.from_bytes(data[:4], "big") != width * height * 4:
-        raise ValueError("brush RLE does not hold an RGBA image of the region's size")
+    data = brush_rle_bytes(rle, width, height)
     return brush_rle.value_at(data, 4 * (y * width + x) + 3) > 0
 
 

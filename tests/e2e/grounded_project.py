@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import requests
 from PIL import Image, ImageDraw
 
 from .label_studio import LSApi
@@ -93,6 +94,20 @@ class PreannotatedProject(NamedTuple):
     tasks: list[dict[str, Any]]  # in task id order, as Label Studio lists them
     sizes: dict[int, tuple[int, int]]  # task id -> displayed (width, height)
     files: dict[int, str]  # task id -> uploaded file name
+    # Batch /predict calls the backend answered from import to retrieval, and the tasks they
+    # carried (its gsb_predict_tasks_per_request histogram): the task-order check needs one call.
+    predict_calls: int
+    predicted_tasks: int
+
+
+def predict_batches(backend_url: str) -> tuple[int, int]:
+    """(batch /predict calls, tasks they carried) so far, from the backend's ``/metrics``."""
+    totals = {"gsb_predict_tasks_per_request_count": 0.0, "gsb_predict_tasks_per_request_sum": 0.0}
+    for line in requests.get(f"{backend_url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in totals:
+            totals[name] = float(value)
+    return int(totals["gsb_predict_tasks_per_request_count"]), int(totals["gsb_predict_tasks_per_request_sum"])
 
 
 def _file_of(task: dict[str, Any], images: list[ImageFile]) -> ImageFile:
@@ -126,9 +141,11 @@ def create_preannotated_project(
     project_id = api.create_project(title, config)["id"]
     ml_id = api.connect_ml(project_id, backend_url, interactive=True, title="grounded-sam e2e")
     wait_connected(api, project_id, ml_id)
+    calls_before, tasks_before = predict_batches(backend_url)
     imported = api.import_files(project_id, [image.path for image in images])
     assert imported["task_count"] == len(images), imported
     api.retrieve_predictions(project_id)
+    calls_after, tasks_after = predict_batches(backend_url)
     tasks = api.list_tasks(project_id)
     by_task = {task["id"]: _file_of(task, images) for task in tasks}
     return PreannotatedProject(
@@ -137,4 +154,6 @@ def create_preannotated_project(
         tasks=tasks,
         sizes={tid: image.displayed for tid, image in by_task.items()},
         files={tid: image.path.name for tid, image in by_task.items()},
+        predict_calls=calls_after - calls_before,
+        predicted_tasks=tasks_after - tasks_before,
     )

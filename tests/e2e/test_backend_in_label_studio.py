@@ -101,6 +101,8 @@ def test_every_task_holds_one_prediction_of_its_own_image(
 ) -> None:
     assert len(project.tasks) == 3
     assert len(set(project.sizes.values())) == 3, "sizes must differ or a task-order swap goes unnoticed"
+    # ...and all three must reach the backend in one /predict: a call per task has no order to break
+    assert (project.predict_calls, project.predicted_tasks) == (1, 3), "batch /predict calls, tasks carried"
     for task in project.tasks:
         size = project.sizes[task["id"]]
         prediction = _single_prediction(label_studio, task["id"])
