@@ -75,6 +75,19 @@ def image_task(task_id: int, width: int, height: int) -> dict:
     return {"id": task_id, "data": {"image": data_uri(png_bytes(width, height))}}
 
 
+def keypoint(x: float, y: float, label: str | None = "cat", positive: bool | None = True, w=640, h=480) -> dict:
+    """A smart KeyPointLabels click (control ``kp``) as Label Studio sends it in
+    ``params.context.result``; ``label=None`` / ``positive=None`` leave those fields out."""
+    value: dict = {"x": x, "y": y, "width": 0.3}
+    if label:
+        value["keypointlabels"] = [label]
+    item = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+            "original_height": h, "image_rotation": 0, "value": value}
+    if positive is not None:
+        item["is_positive"] = positive
+    return item
+
+
 def build_predictor(
     settings: Settings, detector: Detector, segmenter: Segmenter, metrics: Metrics | None = None
 ) -> Predictor:

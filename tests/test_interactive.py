@@ -15,7 +15,7 @@ from backend.config import Settings
 from backend.labeling import parse_label_config
 from backend.pipelines import interactive
 from backend.regions import Instance, decode_region_mask, encode_instance
-from tests.conftest import data_uri, wait_for_models
+from tests.conftest import data_uri, keypoint, wait_for_models
 from tests.fakes import BoxDetector, BoxFillSegmenter
 
 CONFIG = """
@@ -35,17 +35,6 @@ def _png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (40, 80, 120)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def keypoint(x: float, y: float, label: str | None = "cat", positive: bool | None = True, w=640, h=480) -> dict:
-    value: dict = {"x": x, "y": y, "width": 0.3}
-    if label:
-        value["keypointlabels"] = [label]
-    item = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
-            "original_height": h, "image_rotation": 0, "value": value}
-    if positive is not None:
-        item["is_positive"] = positive
-    return item
 
 
 def rectangle(x: float, y: float, width: float, height: float, label: str = "cat", rotation: float = 0) -> dict:

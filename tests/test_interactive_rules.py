@@ -10,7 +10,8 @@ from backend import brush_rle
 from backend.labeling import parse_label_config
 from backend.pipelines.interactive import InteractiveError, find_existing_mask, parse_context
 from backend.regions import Instance, decode_region_mask, encode_instance
-from tests.test_interactive import CONFIG, Harness, keypoint, rectangle
+from tests.conftest import keypoint
+from tests.test_interactive import CONFIG, Harness, rectangle
 
 PROJECT = parse_label_config(CONFIG)
 

@@ -31,7 +31,7 @@ from backend.models.sam3 import Sam3ConceptSegmenter, Sam3SharedTrackerSegmenter
 from backend.pipelines.everything import AutoModels, AutoParams, EverythingParams, generate_masks, predict_instances
 from backend.pipelines.preannotate import PhraseTable, PreannotateParams, preannotate_concepts
 from backend.regions import decode_region_mask
-from tests.conftest import every_region_type_config, image_task, ready_app
+from tests.conftest import every_region_type_config, image_task, keypoint, ready_app
 from tests.fakes import ShapeSegmenter
 from tests.test_everything import box_of, shapes
 from tests.tiny_models import build_tiny_grounding_dino
@@ -437,16 +437,7 @@ def test_click_after_preannotation_reuses_the_backbone(app) -> None:
     predictor = app.extensions["backend_state"].runtime.get(0)
     task = image_task(5, WIDTH, HEIGHT)
     client.post("/predict", json={"tasks": [task], "label_config": CONFIG, "project": "3.1"})
-    click = {
-        "type": "keypointlabels",
-        "from_name": "kp",
-        "to_name": "image",
-        "original_width": WIDTH,
-        "original_height": HEIGHT,
-        "image_rotation": 0,
-        "is_positive": True,
-        "value": {"x": 50.0, "y": 50.0, "width": 0.5, "keypointlabels": ["cat"]},
-    }
+    click = keypoint(50.0, 50.0, w=WIDTH, h=HEIGHT)
     text = {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["red car"]}}
     contexts = ([click], [text, {**click, "value": {**click["value"], "keypointlabels": ["red car"]}}])
     with counting_calls(predictor.concept_segmenter.model.vision_encoder.backbone) as vit_runs:

@@ -19,7 +19,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from backend.regions import decode_region_mask
-from tests.conftest import every_region_type_config, image_task, ready_app
+from tests.conftest import every_region_type_config, image_task, keypoint, ready_app
 from tests.tiny_clip_models import build_tiny_clip, build_tiny_clipseg
 from tests.tiny_models import build_tiny_grounding_dino, build_tiny_mm_grounding_dino, build_tiny_owlv2
 from tests.tiny_sam_models import build_tiny_sam, build_tiny_sam2, build_tiny_sam_hq
@@ -107,16 +107,7 @@ def test_predict_returns_every_region_type(route: RouteApp) -> None:
 
 
 def test_click_returns_one_mask_of_the_clicked_label(route: RouteApp) -> None:
-    click = {
-        "type": "keypointlabels",
-        "from_name": "kp",
-        "to_name": "image",
-        "original_width": WIDTH,
-        "original_height": HEIGHT,
-        "image_rotation": 0,
-        "is_positive": True,
-        "value": {"x": 50.0, "y": 50.0, "width": 0.5, "keypointlabels": ["cat"]},
-    }
+    click = keypoint(50.0, 50.0, w=WIDTH, h=HEIGHT)
     body = {"tasks": [_task()], "label_config": CONFIG, "project": "1.1", "params": {"context": {"result": [click]}}}
     response = route.client.post("/predict", json=body)
     assert response.status_code == 200, response.json
