@@ -76,14 +76,26 @@ def encode_mask(mask: np.ndarray) -> list[int]:
     return encode_runs(lengths, np.where(flat[starts], 255, 0))
 
 
-def _windows(data: bytes) -> list[int]:
+HEADER_BITS = 32 + 5 + 4 * 4  # value count, word size - 1, four length-field sizes - 1
+
+
+def _windows(data: bytes) -> np.ndarray:
     """``windows[i]``: the 32 bits starting at bit ``i`` of ``data`` as one integer (zeros past
     the end), so reading any field of up to 32 bits is one shift."""
     raw = np.frombuffer(data + bytes(5), dtype=np.uint8).astype(np.int64)
     n = len(data)
     forty = (raw[:n] << 32) | (raw[1 : n + 1] << 24) | (raw[2 : n + 2] << 16) | (raw[3 : n + 3] << 8) | raw[4 : n + 4]
-    offsets = 8 - np.arange(8)
-    return ((forty[:, None] >> offsets) & 0xFFFFFFFF).ravel().tolist()
+    return ((forty[:, None] >> (8 - np.arange(8))) & 0xFFFFFFFF).ravel()
+
+
+def _read_header(data: bytes) -> tuple[int, int, list[int]]:
+    """(value count, word size, the four length-field sizes) of a brush RLE stream."""
+    if 8 * len(data) < HEADER_BITS:
+        raise ValueError(f"RLE stream of {len(data)} bytes is shorter than its header")
+    count, word = _field(data, 0, 32), _field(data, 32, 5) + 1
+    if word > WORD_SIZE:
+        raise ValueError(f"RLE word size {word} is over {WORD_SIZE} bits (not a brush mask)")
+    return count, word, [_field(data, 37 + 4 * k, 4) + 1 for k in range(4)]
 
 
 def decode(data: bytes | bytearray) -> np.ndarray:
@@ -93,22 +105,15 @@ def decode(data: bytes | bytearray) -> np.ndarray:
     """
     data = bytes(data)
     end = 8 * len(data)
-    header_bits = 32 + 5 + 4 * 4
-    if end < header_bits:
-        raise ValueError(f"RLE stream of {len(data)} bytes is shorter than its header")
-    windows = _windows(data)
+    count, word, sizes = _read_header(data)
+    windows = _windows(data).tolist()
 
     def read(position: int, width: int) -> int:
         if position + width > end:
             raise ValueError("RLE stream is truncated")
         return windows[position] >> (32 - width)
 
-    count = read(0, 32)
-    word = read(32, 5) + 1
-    sizes = [read(37 + 4 * k, 4) + 1 for k in range(4)]
-    if word > WORD_SIZE:
-        raise ValueError(f"RLE word size {word} is over {WORD_SIZE} bits (not a brush mask)")
-    position = header_bits
+    position = HEADER_BITS
     run_values: list[int] = []
     run_lengths: list[int] = []
     filled = 0
@@ -130,7 +135,6 @@ def decode(data: bytes | bytearray) -> np.ndarray:
     return np.repeat(np.asarray(run_values, dtype=np.uint8), run_lengths)[:count]
 
 
-HEADER_BITS = 32 + 5 + 4 * 4
 _PREFIX_CHUNK_BYTES = 4096  # windows are built this many bytes at a time, so work stops near the index
 
 
@@ -141,15 +145,6 @@ def _field(data: bytes, position: int, width: int) -> int:
     first, last = position >> 3, (position + width + 7) >> 3
     chunk = int.from_bytes(data[first:last], "big")
     return (chunk >> (8 * last - position - width)) & ((1 << width) - 1)
-
-
-def _window_array(data: bytes) -> np.ndarray:
-    """``_windows`` as an int64 array: indexed through a memoryview it gives Python ints without
-    the list (whose construction costs as much as walking the tokens)."""
-    raw = np.frombuffer(data + bytes(5), dtype=np.uint8).astype(np.int64)
-    n = len(data)
-    forty = (raw[:n] << 32) | (raw[1 : n + 1] << 24) | (raw[2 : n + 2] << 16) | (raw[3 : n + 3] << 8) | raw[4 : n + 4]
-    return ((forty[:, None] >> (8 - np.arange(8))) & 0xFFFFFFFF).ravel()
 
 
 def value_at(data: bytes | bytearray, index: int) -> int:
@@ -163,13 +158,8 @@ def value_at(data: bytes | bytearray, index: int) -> int:
     index outside the declared value count.
     """
     data = bytes(data)
-    if 8 * len(data) < HEADER_BITS:
-        raise ValueError(f"RLE stream of {len(data)} bytes is shorter than its header")
-    count, word = _field(data, 0, 32), _field(data, 32, 5) + 1
-    sizes = [_field(data, 37 + 4 * k, 4) + 1 for k in range(4)]
+    count, word, sizes = _read_header(data)
     masks = [(1 << size) - 1 for size in sizes]
-    if word > WORD_SIZE:
-        raise ValueError(f"RLE word size {word} is over {WORD_SIZE} bits (not a brush mask)")
     if not 0 <= index < count:
         raise IndexError(f"value index {index} is outside the stream's {count} values")
     position, filled = HEADER_BITS, 0
@@ -179,7 +169,9 @@ def value_at(data: bytes | bytearray, index: int) -> int:
             raise ValueError("RLE stream is truncated")
         # a window needs the 4 bytes after its own, so those come along; windows are trusted
         # only for token heads that start inside the chunk proper
-        windows = memoryview(_window_array(data[first : first + _PREFIX_CHUNK_BYTES + 4]))
+        # indexed through a memoryview, the array gives Python ints without building a list
+        # (which costs as much as walking the tokens)
+        windows = memoryview(_windows(data[first : first + _PREFIX_CHUNK_BYTES + 4]))
         base = 8 * first
         limit = 8 * min(_PREFIX_CHUNK_BYTES, len(data) - first)
         offset = position - base

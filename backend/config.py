@@ -193,25 +193,26 @@ def _route(pipeline: str, segmenter_model: str) -> str:
     choice = pipeline.strip().lower()
     if choice != "auto":
         return choice
-    from backend.models.loading import ModelLoadError  # torch/transformers: only when needed
-
-    try:
-        return _auto_route(segmenter_model)
-    except ModelLoadError:
-        # An unreadable checkpoint cannot be loaded either, so no prediction carries this
-        # version; only models that are not files (test fakes) get here. Not cached: a
-        # checkpoint still downloading resolves on the next call.
-        return "grounded-sam"
+    return _auto_route(segmenter_model)
 
 
 @functools.lru_cache(maxsize=16)
 def _auto_route(segmenter_model: str) -> str:
     """``PIPELINE=auto``'s route for ``segmenter_model``, read once per process: it opens the
-    checkpoint's config (a hub id may mean a network round trip) and the version is computed
-    on every request."""
+    checkpoint's config (a hub id may mean a network round trip, or minutes of retries when
+    offline) and the version is computed on every request.
+
+    An unreadable checkpoint gives ``grounded-sam``, cached too: the models are loaded once
+    per process from that same config, so they fail to load as well and no prediction carries
+    this version (only models that are not files, the tests' fakes, get here and stay here).
+    """
+    from backend.models.loading import ModelLoadError  # torch/transformers: only when needed
     from backend.models.registry import resolve_pipeline
 
-    return resolve_pipeline(Settings(pipeline="auto", segmenter_model=segmenter_model))
+    try:
+        return resolve_pipeline(Settings(pipeline="auto", segmenter_model=segmenter_model))
+    except ModelLoadError:
+        return "grounded-sam"
 
 
 _OUTPUT_DECIDING_FIELDS = {

@@ -59,7 +59,7 @@ from backend.ls_client import LabelStudioClient
 from backend.metrics import Metrics
 from backend.pipelines.everything import check_mode
 from backend.predictor import Credentials, Predictor, model_version_for
-from backend.protocol import SetupRequest, ValidationError, describe_validation_error
+from backend.protocol import parse_extra_params
 
 if TYPE_CHECKING:
     from backend.app import PredictorFactory
@@ -256,15 +256,13 @@ def _post_checked(
 # --------------------------------------------------------------------------- planning
 
 
-def project_mode(
-    client: LabelStudioClient, project: int, label_config: str, backoff: Backoff = DEFAULT_BACKOFF
-) -> str | None:
+def project_mode(client: LabelStudioClient, project: int, backoff: Backoff = DEFAULT_BACKOFF) -> str | None:
     """The prediction mode the project's ML backend connection sets in its extra params
     (``{"prediction_mode": "everything"}``), or None for the deployment's PREDICTION_MODE (no
     backend connected, or none sets a mode).
 
-    The server learns it from ``/setup``, so each connection's extra params are read as the
-    ``/setup`` request Label Studio sends, through ``SetupRequest``: the run predicts in the
+    The server learns it from ``/setup``, so each connection's extra params are read as
+    ``/setup`` reads them (``parse_extra_params``, ``check_mode``): the run predicts in the
     mode, and under the ``model_version``, that ``/predict`` uses. Raises ``ConfigError`` for
     a mode the server refuses too, or for connections that set different modes (which one is
     this backend cannot be told from here).
@@ -275,19 +273,10 @@ def project_mode(
     modes: set[str] = set()
     for extra_params in connections:
         try:
-            setup = SetupRequest.model_validate({"schema": label_config, "extra_params": extra_params})
-        except ValidationError as exc:
-            raise ConfigError(
-                f"project {project}'s ML backend extra_params: {describe_validation_error(exc)}"
-            ) from exc
-        mode = (setup.extra_params or {}).get("prediction_mode")
-        if mode is None:
-            continue
-        if not isinstance(mode, str):
-            raise ConfigError(f"project {project}'s ML backend extra_params: prediction_mode {mode!r} is not a string")
-        try:
-            modes.add(check_mode(mode))
-        except ConfigError as exc:
+            mode = (parse_extra_params(extra_params) or {}).get("prediction_mode")
+            if mode is not None:
+                modes.add(check_mode(mode))
+        except (ValueError, ConfigError) as exc:
             raise ConfigError(f"project {project}'s ML backend extra_params: {exc}") from exc
     if len(modes) > 1:
         raise ConfigError(
@@ -339,7 +328,7 @@ def make_plan(
     ``ConfigError`` when its connection's extra params name no valid mode.
     """
     label_config = backoff.run(lambda: client.get_label_config(project), f"reading project {project}'s label config")
-    mode = project_mode(client, project, label_config, backoff)
+    mode = project_mode(client, project, backoff)
     model_version = model_version_for(settings, parse_label_config(label_config, settings.label_prompts), mode)
     wanted = list(dict.fromkeys(task_ids)) if task_ids is not None else None
     ids = backoff.run(lambda: client.task_ids(project, view=view, ids=wanted), f"listing project {project}'s tasks")

@@ -136,7 +136,7 @@ class Predictor:
         embedding, so the annotator's first click is warm (the everything modes need SAM's
         masks whatever the outputs)."""
         s = self.settings
-        grounded_only = (mode or s.prediction_mode) == "grounded"
+        grounded_only = check_mode(mode or s.prediction_mode) == "grounded"
         return PreannotateParams(
             box_threshold=project.thresholds.get("box_threshold", s.box_threshold),
             text_threshold=project.thresholds.get("text_threshold", s.text_threshold),

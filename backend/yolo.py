@@ -142,6 +142,8 @@ def write_yolo(dataset: Mapping[str, Any], out_dir: str | Path, polygon_toleranc
     root = Path(out_dir)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    # mkdtemp's 0700 would become the export's own mode on rename: take its parent folder's
+    staging.chmod(root.parent.stat().st_mode & 0o777)
     try:
         for relative, text in files.items():
             path = staging / relative

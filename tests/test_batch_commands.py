@@ -108,3 +108,41 @@ def test_queue_without_wait_fails_on_task_ids_not_in_the_project(
         assert "task ids [99]" in out and "enqueued 1 jobs (1 tasks)" in out
         [job] = jobs.active_jobs(jobs.open_queue(url), 1, jobs.make_plan(ls, 1, Settings()).model_version)
         assert jobs.job_task_ids(job) == [1]
+
+
+def test_ctrl_c_while_connecting_to_the_queue_enqueues_nothing(
+    ls: FakeLabelStudio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    opening = jobs.open_queue
+
+    def open_then_ctrl_c(url: str) -> Any:
+        queue = opening(url)
+        _ctrl_c()
+        return queue
+
+    with redis_server(tmp_path) as url:
+        monkeypatch.setattr(jobs, "open_queue", open_then_ctrl_c)
+        assert _preannotate("--queue", url) == jobs.EXIT_INTERRUPTED
+        out, err = capsys.readouterr()
+        assert "Ctrl-C: stopping before anything is enqueued" in err
+        assert "interrupted: nothing was enqueued" in out
+        monkeypatch.setattr(jobs, "open_queue", opening)
+        assert jobs.active_jobs(opening(url), 1, jobs.make_plan(ls, 1, Settings()).model_version) == []
+
+
+def test_ctrl_c_while_enqueueing_reports_an_interrupted_run(
+    ls: FakeLabelStudio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enqueue = jobs.enqueue_plan
+
+    def enqueue_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        result = enqueue(*args, **kwargs)
+        _ctrl_c()
+        return result
+
+    monkeypatch.setattr(jobs, "enqueue_plan", enqueue_then_ctrl_c)
+    with redis_server(tmp_path) as url:
+        assert _preannotate("--queue", url) == jobs.EXIT_INTERRUPTED
+        out, err = capsys.readouterr()
+        assert "Ctrl-C: stopping once the jobs are enqueued" in err
+        assert "enqueued 2 jobs (4 tasks)" in out and "--wait" in out

@@ -159,3 +159,12 @@ def test_two_annotators_of_one_task_keep_their_own_memory(make_client) -> None:
     h.click([first], extra_task={"project": 2})  # same task id in another project
     h.click([first, second], extra_task={"project": 3})
     assert h.segmenter.segment_calls[-1][0].mask_logits is None
+
+
+def test_a_draft_saved_mid_sequence_keeps_the_memory_of_its_first_clicks(make_client) -> None:
+    h = Harness(make_client)
+    first, second = keypoint(50.0, 25.0), keypoint(60.0, 25.0, positive=False)
+    h.click([first], extra_task={"project": 1})  # no draft yet: Label Studio names no annotator
+    carol = {"project": 1, "drafts": [{"user": "carol@example.com", "result": []}]}
+    h.click([first, second], extra_task=carol)  # the autosaved draft now names her
+    assert h.segmenter.segment_calls[-1][0].mask_logits is not None

@@ -233,7 +233,7 @@ def test_plan_and_run_use_the_prediction_mode_of_the_projects_connection() -> No
 
     for bad, message in (
         ({"prediction_mode": "sideways"}, "sideways"),
-        ({"prediction_mode": 3}, "not a string"),
+        ({"prediction_mode": 3}, "prediction_mode must be text"),
         ("not json params", "extra_params"),
     ):
         ls.extra_params = [bad]

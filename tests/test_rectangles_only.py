@@ -52,3 +52,9 @@ def test_smart_tags_keep_sam_running_so_the_first_click_is_warm(make_client) -> 
     assert segmenter.embed_calls == 1
     [region] = item["result"]
     assert region["type"] == "rectanglelabels" and region["score"] == pytest.approx(0.4)
+
+
+def test_the_mode_is_compared_normalised_so_one_version_means_one_output(make_client) -> None:
+    item, segmenter = _predict(make_client, RECTANGLES_ONLY, mode=" Grounded ")
+    assert segmenter.embed_calls == 0
+    assert item["result"][0]["score"] == pytest.approx(0.8)

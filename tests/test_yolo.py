@@ -164,3 +164,11 @@ def test_failed_write_leaves_the_previous_export(tmp_path: Path) -> None:
         yolo.write_yolo(coco.ls_to_coco(tasks, CONFIG), out)
     assert _files(out) == before  # neither new.txt nor a changed data.yaml
     assert [p.name for p in tmp_path.iterdir()] == ["yolo"]
+
+
+def test_a_new_export_folder_gets_its_parent_folders_permissions(tmp_path: Path) -> None:
+    parent = tmp_path / "exports"
+    parent.mkdir(mode=0o755)
+    parent.chmod(0o755)
+    yolo.write_yolo(coco.ls_to_coco([brush_task(1, "https://h/a.png", (hard_mask(), "dog"))], CONFIG), parent / "yolo")
+    assert (parent / "yolo").stat().st_mode & 0o777 == 0o755

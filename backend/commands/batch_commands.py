@@ -150,11 +150,16 @@ def _preannotate_on_queue(
 
     from backend import jobs
 
+    notice.what = "stopping before anything is enqueued"
     queue = jobs.open_queue(args.queue)
     if args.dry_run:
         chunks = -(-len(plan.todo) // args.batch_size)
         print(f"dry run: would enqueue {chunks} jobs of up to {args.batch_size} tasks on {queue.name}")
         return plan.start_summary().exit_code  # given ids missing from the project fail
+    if stop.is_set():  # Ctrl-C while connecting to the queue
+        print("interrupted: nothing was enqueued; run the same command again", file=sys.stdout)
+        return jobs.EXIT_INTERRUPTED
+    notice.what = "stopping once the jobs are enqueued (the workers will run them)"
     attached, new = jobs.enqueue_plan(queue, plan, batch_size=args.batch_size, job_timeout_s=args.job_timeout)
     tasks_new = sum(len(jobs.job_task_ids(job)) for job in new)
     print(f"enqueued {len(new)} jobs ({tasks_new} tasks) on {queue.name}", file=sys.stdout)
@@ -162,9 +167,9 @@ def _preannotate_on_queue(
         print(f"{len(attached)} jobs of an earlier call, still queued or running, cover the other tasks")
     if not Worker.count(queue=queue):
         print(f"no worker listens on {queue.name} yet: start some with grounded-sam-backend worker --queue URL")
-    if not args.wait:
+    if not args.wait or stop.is_set():
         print("follow the jobs with --wait (the same command again)")
-        return plan.start_summary().exit_code  # given ids missing from the project fail
+        return jobs.EXIT_INTERRUPTED if stop.is_set() else plan.start_summary().exit_code
     followed = attached + new
     notice.what = "no longer waiting (the workers carry on)"
     with (

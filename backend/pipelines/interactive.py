@@ -383,9 +383,13 @@ def run_clicks(
 ) -> list[Instance]:
     """Points and/or box -> one mask instance under the request's label."""
     width, height = image.size
-    memory_key = (str(task.get("project")), str(task.get("id")), _annotator(task), request.label, image_sha256)
+    anonymous = (str(task.get("project")), str(task.get("id")), "", request.label, image_sha256)
+    memory_key = (*anonymous[:2], _annotator(task), *anonymous[3:])
     prompt = PromptSet(points=request.points, point_labels=request.point_labels, box=request.box)
     prompt.mask_logits = memory.recall(memory_key, request)
+    if prompt.mask_logits is None and memory_key != anonymous:
+        # the sequence may have begun before Label Studio saved this annotator's first draft
+        prompt.mask_logits = memory.recall(anonymous, request)
     if prompt.mask_logits is None and refine_existing and 1 in request.point_labels:
         first_positive = request.points[request.point_labels.index(1)]
         existing = find_existing_mask(task, request.label, first_positive, width, height)
