@@ -119,8 +119,10 @@ def test_per_label_passes_on_the_cached_backbone_equal_a_whole_forward_per_label
             box = expected["boxes"][query].clamp(min=torch.zeros(4), max=clip)
             np.testing.assert_allclose(inst.box, box.numpy(), atol=1e-3)
             reference_mask = expected["masks"][query].numpy().astype(bool)
-            assert inst.mask.dtype == bool and inst.mask.shape == (HEIGHT, WIDTH)
-            assert (inst.mask != reference_mask).mean() < 0.001
+            assert inst.mask is None  # made only when the pipeline asks for it
+            mask = inst.full_mask()
+            assert mask.dtype == bool and mask.shape == (HEIGHT, WIDTH)
+            assert (mask != reference_mask).mean() < 0.001
 
 
 def test_threshold_and_per_prompt_cap_keep_the_best(concept, image) -> None:
@@ -455,3 +457,39 @@ def test_click_after_preannotation_reuses_the_backbone(app) -> None:
             assert all(decode_region_mask(r).shape == (HEIGHT, WIDTH) for r in regions)
     assert regions[0]["value"]["brushlabels"] == ["red car"]
     assert vit_runs[0] == 0  # the click and the text prompt both ran on the cached ViT output
+
+
+class _ListedConcepts:
+    """A concept segmenter that finds the given instances, whatever the prompts."""
+
+    model_id = "test/listed-concepts"
+
+    def __init__(self, instances: list[ConceptInstance]) -> None:
+        self.instances = instances
+
+    def embed(self, image: Image.Image) -> ImageEmbedding:
+        return ImageEmbedding(model_id=self.model_id, image_size=(image.height, image.width), tensors={})
+
+    def segment_concepts(self, embedding, prompts, threshold, max_per_prompt):
+        return self.instances
+
+
+def test_only_the_selected_instances_are_upsampled_to_full_size() -> None:
+    image = Image.new("RGB", (64, 48))
+    made: list[int] = []
+
+    def upsample(index: int) -> np.ndarray:
+        made.append(index)
+        mask = np.zeros((48, 64), dtype=bool)
+        mask[4 : 4 + index + 2, 6 * index : 6 * index + 5] = True
+        return mask
+
+    found = [
+        ConceptInstance(box=(6.0 * i, 4.0, 6.0 * i + 5, 6.0 + i), score=0.9 - 0.1 * i, prompt_index=0,
+                        upsample=lambda i=i: upsample(i))
+        for i in range(6)
+    ]
+    params = PreannotateParams(box_threshold=0.0, max_detections=2)
+    kept = preannotate_concepts(image, "sha", {"cat": ["cat"]}, _ListedConcepts(found), EmbeddingCache(1 << 20), params)
+    assert [inst.score for inst in kept] == pytest.approx([0.9, 0.8])
+    assert sorted(made) == [0, 1]  # the four dropped by max_detections never got a full-size mask

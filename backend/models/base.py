@@ -9,7 +9,7 @@ boxes are ``(x0, y0, x1, y1)`` with ``x1``/``y1`` exclusive edges.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -101,12 +101,26 @@ class ImageEmbedding:
 
 @dataclass(frozen=True)
 class ConceptInstance:
-    """One instance found by a text -> mask model (SAM 3) for one prompt."""
+    """One instance found by a text -> mask model (SAM 3) for one prompt.
 
-    mask: np.ndarray  # bool, (H, W)
+    The full-size mask is either given (``mask``) or made on demand (``upsample``): a model
+    keeps up to ``max_per_prompt`` candidates per phrase, and as image-size booleans 100 of
+    them on a 12 MP image would hold 1.2 GB before NMS and selection drop most of them.
+    """
+
     box: Box
     score: float
     prompt_index: int
+    mask: np.ndarray | None = None  # bool, (H, W)
+    upsample: Callable[[], np.ndarray] | None = None  # -> the bool (H, W) mask
+
+    def full_mask(self) -> np.ndarray:
+        """The bool (H, W) mask, made now when the model left it to ``upsample``."""
+        if self.mask is not None:
+            return self.mask
+        if self.upsample is None:
+            raise ValueError("a ConceptInstance needs a mask or an upsample function")
+        return self.upsample()
 
 
 @runtime_checkable

@@ -38,6 +38,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -57,6 +58,13 @@ saved alone) and ``sam3_video`` (the hub layout, detector + tracker)."""
 
 TEXT_CACHE_SIZE = 256
 _MASK_PROBABILITY = 0.5  # the processor's mask_threshold
+
+
+def _full_size_mask(probabilities: torch.Tensor, image_size: tuple[int, int]) -> np.ndarray:
+    """(h, w) mask probabilities at the model's resolution -> bool (H, W) at the image's, as
+    ``Sam3Processor.post_process_instance_segmentation`` resizes and thresholds them."""
+    resized = F.interpolate(probabilities[None, None], size=image_size, mode="bilinear", align_corners=False)
+    return (resized[0, 0] > _MASK_PROBABILITY).numpy()
 
 
 def _refuse_missing_weights(model_id: str, class_name: str, info: dict[str, Any], what: str) -> None:
@@ -164,7 +172,8 @@ class Sam3ConceptSegmenter:
         output: Any, prompt_index: int, threshold: float, limit: int, image_size: tuple[int, int]
     ) -> list[ConceptInstance]:
         """One prompt's output -> instances: score = detection x presence, boxes in pixels
-        (clipped to the image), masks upsampled one kept query at a time."""
+        (clipped to the image); each mask stays at the model's resolution until the pipeline
+        asks for it (``ConceptInstance.full_mask``), i.e. only for the instances it keeps."""
         height, width = image_size
         scores = output.pred_logits[0].float().sigmoid() * output.presence_logits[0].float().sigmoid()
         kept = torch.nonzero(scores >= threshold).flatten()
@@ -173,14 +182,13 @@ class Sam3ConceptSegmenter:
         instances = []
         for query in kept.tolist():
             box = (output.pred_boxes[0, query].float().cpu() * scale).clamp(min=torch.zeros(4), max=scale)
-            probabilities = output.pred_masks[0, query].float().sigmoid()[None, None]
-            resized = F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=False)
+            probabilities = output.pred_masks[0, query].float().sigmoid().cpu()
             instances.append(
                 ConceptInstance(
-                    mask=(resized[0, 0] > _MASK_PROBABILITY).cpu().numpy(),
                     box=tuple(float(v) for v in box),
                     score=float(scores[query]),
                     prompt_index=prompt_index,
+                    upsample=functools.partial(_full_size_mask, probabilities, image_size),
                 )
             )
         return instances

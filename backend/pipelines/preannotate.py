@@ -214,10 +214,14 @@ def preannotate_concepts(
         return []
     embedding = cache.get_or_compute(cache_key(image_sha256, concept.model_id), lambda: concept.embed(image))
     found = concept.segment_concepts(embedding, table.phrases, lowest_threshold(params), params.max_detections)
-    masks = {Detection(inst.box, inst.score, inst.prompt_index): inst.mask for inst in found}
-    selected = select_detections(list(masks), table, params)
-    return finish_instances(
-        (Instance(label=label, score=det.score, box=det.box, mask=masks[det]) for det, label in selected), params
+    by_detection = {Detection(inst.box, inst.score, inst.prompt_index): inst for inst in found}
+    selected = select_detections(list(by_detection), table, params)
+    return finish_instances(  # full-size masks only for the selected instances, one at a time
+        (
+            Instance(label=label, score=det.score, box=det.box, mask=by_detection[det].full_mask())
+            for det, label in selected
+        ),
+        params,
     )
 
 
