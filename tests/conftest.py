@@ -58,6 +58,21 @@ def every_region_type_config(*extra_tags: str) -> str:
 """
 
 
+def check_every_region_type(regions: list[dict], width: int, height: int) -> None:
+    """The regions a ``every_region_type_config`` project gets for one image: every output type,
+    its labels, the image's size, scores in [0, 1] and masks that decode to non-empty pixels."""
+    from backend.regions import decode_region_mask
+
+    assert {r["type"] for r in regions} == {"brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels"}
+    for region in regions:
+        assert region["value"][region["type"]][0] in {"cat", "red car"}
+        assert (region["original_width"], region["original_height"]) == (width, height)
+        assert 0.0 <= region["score"] <= 1.0
+        if region["type"] in ("brushlabels", "bitmasklabels"):
+            mask = decode_region_mask(region)
+            assert mask.shape == (height, width) and mask.any()
+
+
 def png_bytes(width: int, height: int, color: tuple[int, int, int] = (120, 60, 30), mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
     rng = np.random.default_rng(width * 1000 + height)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from backend.regions import decode_region_mask
-from tests.conftest import every_region_type_config, image_task, ready_app
+from tests.conftest import check_every_region_type, every_region_type_config, image_task, ready_app
 from tests.tiny_models import build_tiny_grounding_dino
 from tests.tiny_sam_models import build_tiny_sam
 
@@ -47,14 +47,7 @@ def test_predict_returns_every_region_type_from_real_loaded_models(client) -> No
     assert response.status_code == 200, response.json
     item = response.json["results"][0]
     regions = item["result"]
-    assert {r["type"] for r in regions} == {"brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels"}
-    for region in regions:
-        assert region["value"][region["type"]][0] in {"cat", "red car"}
-        assert (region["original_width"], region["original_height"]) == (width, height)
-        assert 0.0 <= region["score"] <= 1.0
-        if region["type"] in ("brushlabels", "bitmasklabels"):
-            mask = decode_region_mask(region)
-            assert mask.shape == (height, width) and mask.any()
+    check_every_region_type(regions, width, height)
     assert len([r for r in regions if r["type"] == "rectanglelabels"]) <= 4
     setup = client.post("/setup", json={"schema": CONFIG, "project": "1.1"}).json
     assert item["model_version"] == setup["model_version"]
